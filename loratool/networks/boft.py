@@ -1,0 +1,58 @@
+"""BOFT (LyCORIS): m butterfly stages of block rotations applied to W0's rows.
+
+``oft_blocks [m, n, b, b]`` (n·b = out), optional ``rescale``, ``alpha`` a constraint as
+in OFT. Stage i groups rows by a butterfly permutation of stride k = 2^i·b/2 (rows
+``(g, j, t)`` with g∈{0,1}, t<k become block-adjacent), rotates each block by R_i (y = R x),
+and undoes the permutation. With multiplier m each stage is m·R_i + (1 − m)·I.
+"""
+
+from __future__ import annotations
+
+from loratool.networks.base import NetworkType, Tensors, f32
+from loratool.networks.oft import cayley, constraint_of
+
+
+def butterfly_perm(out_dim: int, k: int):  # noqa: ANN201
+    """Row order that makes rows ``(c, g, t)`` of stride k adjacent as ``(c, t, g)``."""
+    import torch
+
+    return torch.arange(out_dim).reshape(-1, 2, k).transpose(1, 2).reshape(-1)
+
+
+def merge(base, tensors: Tensors, alpha=None, multiplier: float = 1.0):  # noqa: ANN001, ANN201
+    import torch
+
+    w0 = f32(base)
+    blocks = f32(tensors["oft_blocks"])
+    stages, n, b, _ = blocks.shape
+    r = cayley(blocks, constraint_of(alpha, w0.shape[0]))
+    eye = torch.eye(b, dtype=r.dtype)
+    w = w0
+    for i in range(stages):
+        r_i = multiplier * r[i] + (1.0 - multiplier) * eye
+        perm = butterfly_perm(w0.shape[0], (2**i) * (b // 2))
+        x = w[perm].reshape(n, b, *w0.shape[1:])
+        x = torch.einsum("k i j, k j ... -> k i ...", r_i, x).reshape(w0.shape)
+        w = torch.empty_like(x)
+        w[perm] = x
+    if "rescale" in tensors:
+        w = w * f32(tensors["rescale"]).reshape(-1, *([1] * (w0.dim() - 1)))
+    return w
+
+
+def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+    if base is None:
+        raise ValueError("BOFT's ΔW depends on the base weight; pass base_weight")
+    return merge(base, tensors, alpha) - f32(base)
+
+
+BOFT = NetworkType(
+    name="boft",
+    required=frozenset({"oft_blocks"}),
+    optional=frozenset({"rescale"}),
+    delta=delta,
+    merge=merge,
+    needs_base=True,
+    accepts=lambda shapes: len(shapes.get("oft_blocks", ())) == 4,
+    doc="BOFT: butterfly orthogonal rotation of W0",
+)

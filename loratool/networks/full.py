@@ -1,0 +1,31 @@
+"""Full difference: ``diff`` (shape of W0) and/or ``diff_b`` (bias); no alpha, no rank."""
+
+from __future__ import annotations
+
+from loratool.networks.base import NetworkType, Tensors, any_of, f32
+
+
+def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+    import torch
+
+    if "diff" in tensors:
+        return f32(tensors["diff"]) * scale
+    if base is None:
+        raise ValueError("bias-only full diff: pass base_weight for a zero ΔW")
+    return torch.zeros(base.shape, dtype=torch.float32)
+
+
+def bias_delta(tensors: Tensors, scale: float):  # noqa: ANN201
+    b = tensors.get("diff_b")
+    return None if b is None else f32(b).reshape(-1) * scale
+
+
+FULL = NetworkType(
+    name="full",
+    required=frozenset(),
+    optional=frozenset({"diff", "diff_b"}),
+    alternatives=any_of({"diff"}, {"diff_b"}),
+    delta=delta,
+    bias_delta=bias_delta,
+    doc="Full: stored weight (and bias) difference",
+)

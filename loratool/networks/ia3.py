@@ -1,0 +1,40 @@
+"""IA3 (LyCORIS layout): W = W0 · (1 + m·w), w scaling output rows or input columns.
+
+``weight`` is ``[C]`` (linear) or ``[1, C, 1, 1]`` (conv); ``on_input`` (0/1) says whether
+C is the input axis. When ``on_input`` is absent the axis is read from the length (output
+when ambiguous). ΔW = W0 ⊙ w depends on W0, and is linear in the multiplier.
+PEFT's ``ia3_l`` is ``w + 1``; decoders convert.
+"""
+
+from __future__ import annotations
+
+from loratool.networks.base import NetworkType, Tensors, f32
+
+
+def on_input(tensors: Tensors, base_shape: tuple[int, ...]) -> bool:
+    """Whether the IA3 vector scales input columns."""
+    flag = tensors.get("on_input")
+    if flag is not None:
+        return bool(float(flag.reshape(-1)[0]))
+    n = tensors["weight"].numel()
+    return n == base_shape[1] and n != base_shape[0]
+
+
+def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+    if base is None:
+        raise ValueError("IA3's ΔW depends on the base weight; pass base_weight")
+    w0 = f32(base)
+    w = f32(tensors["weight"]).reshape(-1)
+    view = [1] * w0.dim()
+    view[1 if on_input(tensors, tuple(w0.shape)) else 0] = -1
+    return w0 * w.reshape(view) * scale
+
+
+IA3 = NetworkType(
+    name="ia3",
+    required=frozenset({"weight"}),
+    optional=frozenset({"on_input"}),
+    delta=delta,
+    needs_base=True,
+    doc="IA3: learned per-channel scaling of W0",
+)

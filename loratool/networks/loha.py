@@ -1,0 +1,40 @@
+"""LoHa: ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b), each factor optionally Tucker-rebuilt.
+
+Plain: ``hada_w*_a [out, r]``, ``hada_w*_b [r, in·kh·kw]`` (or ``[r, in, kh, kw]``).
+Tucker: ``hada_t* [r, r, kh, kw]`` with ``hada_w*_a [r, out]``, ``hada_w*_b [r, in]``;
+factor = Σ t[i, j] · w_a[i, p] · w_b[j, q]. rank = ``hada_w1_b.shape[0]``.
+"""
+
+from __future__ import annotations
+
+from loratool.networks.base import NetworkType, Shapes, Tensors, f32, mat
+
+
+def rank(shapes: Shapes) -> int | None:
+    return shapes["hada_w1_b"][0] if "hada_w1_b" in shapes else None
+
+
+def _factor(tensors: Tensors, i: int):  # noqa: ANN202
+    import torch
+
+    w_a, w_b = f32(tensors[f"hada_w{i}_a"]), f32(tensors[f"hada_w{i}_b"])
+    t = tensors.get(f"hada_t{i}")
+    if t is not None:
+        return torch.einsum("i j ..., i p, j q -> p q ...", f32(t), mat(w_a), mat(w_b))
+    w = mat(w_a) @ mat(w_b)
+    return w.reshape(w_a.shape[0], *w_b.shape[1:])
+
+
+def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+    return _factor(tensors, 1) * _factor(tensors, 2) * scale
+
+
+LOHA = NetworkType(
+    name="loha",
+    required=frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
+    optional=frozenset({"hada_t1", "hada_t2"}),
+    rank=rank,
+    uses_alpha=True,
+    delta=delta,
+    doc="LoHa: Hadamard product of two low-rank factors",
+)

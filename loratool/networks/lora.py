@@ -1,0 +1,69 @@
+"""LoRA and LoCon: ΔW = up @ down, optionally through a Tucker/CP core ``lora_mid``.
+
+Shapes (kohya/LyCORIS): down ``[r, in(, kh, kw)]``, up ``[out, r(, 1, 1)]``; with Tucker,
+down ``[r, in, 1, 1]`` and ``lora_mid [r, r, kh, kw]``. ``lora_up_bias`` (PEFT
+``lora_B.bias``) is a bias change, scaled like the weight.
+
+"locon" is the same math, reported for conv modules with a spatial kernel > 1 (or a Tucker
+core). LoRA on 1×1 convs stays "lora": that is what kohya trains without ``conv_dim``.
+"""
+
+from __future__ import annotations
+
+from loratool.networks.base import NetworkType, Shapes, Tensors, f32, kernel_size, mat
+
+PARAMS = frozenset({"lora_down", "lora_up"})
+OPTIONAL = frozenset({"lora_mid", "lora_up_bias"})
+
+
+def rank(shapes: Shapes) -> int | None:
+    return shapes["lora_down"][0] if "lora_down" in shapes else None
+
+
+def is_conv_kernel(shapes: Shapes) -> bool:
+    """True when the LoRA carries a spatial kernel > 1 (LoCon) or a Tucker core."""
+    return "lora_mid" in shapes or kernel_size(tuple(shapes.get("lora_down", ()))) > 1
+
+
+def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+    import torch
+
+    down, up = f32(tensors["lora_down"]), f32(tensors["lora_up"])
+    out_dim, in_dim = up.shape[0], down.shape[1]
+    mid = tensors.get("lora_mid")
+    if mid is not None:
+        mid = f32(mid)
+        dw = torch.einsum("m n ..., i m, n j -> i j ...", mid, mat(up), mat(down))
+        return dw * scale
+    dw = mat(up) @ mat(down)
+    return dw.reshape(out_dim, in_dim, *down.shape[2:]) * scale
+
+
+def bias_delta(tensors: Tensors, scale: float):  # noqa: ANN201
+    bias = tensors.get("lora_up_bias")
+    return None if bias is None else f32(bias).reshape(-1) * scale
+
+
+LORA = NetworkType(
+    name="lora",
+    required=PARAMS,
+    optional=OPTIONAL,
+    rank=rank,
+    uses_alpha=True,
+    delta=delta,
+    bias_delta=bias_delta,
+    accepts=lambda shapes: not is_conv_kernel(shapes),
+    doc="LoRA: ΔW = up @ down",
+)
+
+LOCON = NetworkType(
+    name="locon",
+    required=PARAMS,
+    optional=OPTIONAL,
+    rank=rank,
+    uses_alpha=True,
+    delta=delta,
+    bias_delta=bias_delta,
+    accepts=is_conv_kernel,
+    doc="LoCon: LoRA on a conv with kernel > 1 (optionally Tucker lora_mid)",
+)

@@ -1,0 +1,31 @@
+"""Norm-layer difference: ``w_norm`` added to the norm weight, ``b_norm`` to its bias."""
+
+from __future__ import annotations
+
+from loratool.networks.base import NetworkType, Tensors, any_of, f32
+
+
+def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+    import torch
+
+    if "w_norm" in tensors:
+        return f32(tensors["w_norm"]) * scale
+    if base is None:
+        raise ValueError("bias-only norm diff: pass base_weight for a zero ΔW")
+    return torch.zeros(base.shape, dtype=torch.float32)
+
+
+def bias_delta(tensors: Tensors, scale: float):  # noqa: ANN201
+    b = tensors.get("b_norm")
+    return None if b is None else f32(b).reshape(-1) * scale
+
+
+NORM = NetworkType(
+    name="norm",
+    required=frozenset(),
+    optional=frozenset({"w_norm", "b_norm"}),
+    alternatives=any_of({"w_norm"}, {"b_norm"}),
+    delta=delta,
+    bias_delta=bias_delta,
+    doc="Norm: additive change to a normalisation layer",
+)
