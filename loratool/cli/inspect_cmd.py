@@ -1,0 +1,91 @@
+"""``loratool inspect``: a compact rich summary, or JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from loratool.errors import LoraToolError
+from loratool.ops.inspect import InspectReport, inspect
+
+FAMILY_CHOICES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux")
+
+
+@click.command("inspect")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per path (an array for several).")
+@click.option("--hashes", is_flag=True, help="Add sha256, AutoV1, AutoV2 and AutoV3 (reads the whole file).")
+@click.option("--keys", is_flag=True, help="List every tensor key.")
+@click.option("--family", type=click.Choice(FAMILY_CHOICES), help="Override family detection.")
+def inspect_cmd(paths: tuple[str, ...], as_json: bool, hashes: bool, keys: bool, family: str | None) -> None:
+    """Show format, family, network types, rank, alpha and targets of LoRA files or folders."""
+    reports: list[InspectReport] = []
+    failed = 0
+    for path in paths:
+        try:
+            report = inspect(path, hashes=hashes, keys=keys, family=family)
+        except LoraToolError as err:
+            click.echo(f"error: {err}", err=True)
+            failed += 1
+            continue
+        reports.append(report)
+        if not as_json:
+            render(report)
+    if as_json:
+        payload: Any = [r.to_json() for r in reports]
+        if len(paths) == 1 and reports:
+            payload = payload[0]
+        json.dump(payload, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    if failed:
+        sys.exit(1)
+
+
+def render(r: InspectReport) -> None:
+    """Print one report as a compact rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    table = Table(show_header=False, box=None, padding=(0, 1), title=r.path, title_justify="left", title_style="bold")
+    table.add_column(style="cyan", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("format", f"{r.format}" + (f" ({r.variant})" if r.variant else ""))
+    table.add_row("family", f"[bold]{r.family}[/bold]  " + "; ".join(r.family_evidence[:3]))
+    table.add_row("network", ", ".join(r.network_types))
+    table.add_row("modules", f"{r.modules}  (" + ", ".join(f"{c} {n}" for c, n in r.components.items()) + ")")
+    table.add_row("rank", _span(r.rank))
+    table.add_row("alpha", _span(r.alpha))
+    table.add_row("targets", ", ".join(f"{t}×{n}" for t, n in r.targets.items()))
+    table.add_row("dtypes", ", ".join(r.dtypes))
+    if r.metadata:
+        shown = [f"{k}={_short(v)}" for k, v in r.metadata.items() if k.startswith(SHOWN_METADATA)]
+        table.add_row("metadata", f"{len(r.metadata)} keys" + (": " + ", ".join(shown) if shown else ""))
+    table.add_row("complete", "yes" if r.complete else "[yellow]no[/yellow]")
+    if r.hashes:
+        table.add_row("hashes", ", ".join(f"{k}={v}" for k, v in r.hashes.items() if not isinstance(v, dict)) or json.dumps(r.hashes))
+    for w in r.warnings:
+        table.add_row("[yellow]warning[/yellow]", w)
+    if r.unknown_keys:
+        table.add_row("[yellow]unknown[/yellow]", f"{len(r.unknown_keys)} keys, e.g. {r.unknown_keys[0]}")
+    if r.keys is not None:
+        table.add_row("keys", "\n".join(r.keys))
+    console.print(table)
+
+
+SHOWN_METADATA = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version", "modelspec.architecture", "modelspec.title")
+
+
+def _span(d: dict[str, Any]) -> str:
+    lo, hi = d.get("min"), d.get("max")
+    if lo is None:
+        return "-"
+    fmt = (lambda x: f"{x:g}") if isinstance(lo, float) else str
+    return fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+
+
+def _short(v: str, n: int = 40) -> str:
+    return v if len(v) <= n else v[: n - 1] + "…"

@@ -1,0 +1,327 @@
+"""Decode a :class:`TensorSource` into a normalised :class:`Adapter`.
+
+read keys → parse (formats.keys) → group per module → classify network type →
+detect family (formats.family) → resolve names in the family's catalog (arch).
+Nothing here loads tensor data except the tiny ``alpha`` scalars.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from loratool import arch
+from loratool.errors import NotAnAdapterError, UsageError
+from loratool.formats.family import ALL_FAMILIES, ModuleShape, detect_family
+from loratool.formats.keys import KOHYA_PREFIXES, ParsedKey, parse_dotted, parse_kohya
+from loratool.formats.peft_config import configs_from_diffusers_metadata, kohya_alpha
+from loratool.formats.weight_shape import weight_io
+from loratool.io.sources import Part, TensorSource
+from loratool.model import Adapter, AdapterModule, ModuleKey, TensorRef
+from loratool.networks import classify, dora_axis, rank_of
+
+PEFT_PREFIX = "base_model.model."
+# ComfyUI dotted LDM prefixes -> component; text encoders by ComfyUI's clip names.
+COMFY_PREFIXES: dict[str, str] = {
+    "diffusion_model.": "unet",
+    "model.diffusion_model.": "unet",
+    "text_encoders.clip_l.transformer.": "text_encoder",
+    "text_encoders.clip_h.transformer.": "text_encoder",
+    "text_encoders.clip_g.transformer.": "text_encoder_2",
+}
+# PEFT config's model class -> component.
+PEFT_MODEL_CLASS: dict[str, str] = {
+    "UNet2DConditionModel": "unet",
+    "CLIPTextModel": "text_encoder",
+    "CLIPTextModelWithProjection": "text_encoder_2",
+    "SD3Transformer2DModel": "transformer",
+    "FluxTransformer2DModel": "transformer",
+}
+# First path segment -> component, for keys that carry no component prefix.
+PATH_COMPONENT: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^(down_blocks|up_blocks|mid_block|conv_in|conv_out|time_embedding|add_embedding)\."), "unet"),
+    (re.compile(r"^text_model\."), "text_encoder"),
+    (re.compile(r"^(transformer_blocks|single_transformer_blocks|context_embedder|x_embedder)\."), "transformer"),
+]
+# Parameters that never decide a network type on their own.
+SIDE_PARAMS = frozenset({"alpha", "dora_scale", "scale"})
+# Style -> variant label for inspect.
+STYLE_LABEL: dict[str, str] = {
+    "diffusers-attnproc": "attn-processor",
+    "diffusers-attnproc-te": "attn-processor",
+    "diffusers-lora-linear": "lora_linear_layer",
+    "diffusers-lora": "lora.down/up",
+    "peft": "lora_A/lora_B",
+    "peft-bias": "lora_A/lora_B",
+    "peft-dora": "lora_A/lora_B",
+    "lycoris-dotted": "kohya-suffixes",
+}
+
+
+@dataclass
+class _Group:
+    part: Part
+    component: str | None
+    module: str
+    styles: set[str] = field(default_factory=set)
+    params: dict[str, TensorRef] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+
+
+def decode(source: TensorSource, family: str | None = None) -> Adapter:
+    """Normalise ``source``; ``family`` overrides detection."""
+    if family is not None and family not in ALL_FAMILIES:
+        raise UsageError(None, f"unknown family {family!r}; choose from {', '.join(ALL_FAMILIES)}")
+    groups, unparsed = _group_keys(source)
+    fmt = _format_of(source, groups)
+    metadata = _merged_metadata(source)
+    configs = _configs(source)
+    modules, unclassified = _classify(groups, fmt, configs)
+    if not modules:
+        raise NotAnAdapterError(source.path, _no_adapter_message(source, unparsed))
+    shapes = [_module_shape(g, m) for g, m in modules]
+    verdict = detect_family(shapes, {**metadata, **_config_hints(configs)})
+    chosen = family or verdict.family
+    evidence = verdict.evidence + ([f"--family {family} given"] if family else [])
+    adapter = Adapter(
+        path=source.path, format=fmt, variant=_variant(fmt, groups, metadata), family=chosen,
+        family_evidence=evidence, modules={}, metadata=metadata,
+        config=source.parts[0].config if len(source.parts) == 1 else None,
+        unknown_keys=sorted(unparsed + [k for g in unclassified for k in g.keys]),
+        warnings=list(verdict.warnings),
+    )
+    if unclassified:
+        adapter.complete = False
+        names = ", ".join(sorted({g.module for g in unclassified})[:5])
+        adapter.warnings.append(f"{len(unclassified)} module(s) with an incomplete or unknown parameter set: {names}")
+    _resolve(adapter, modules, chosen)
+    return adapter
+
+
+def _group_keys(source: TensorSource) -> tuple[dict[tuple[str | None, str], _Group], list[str]]:
+    groups: dict[tuple[str | None, str], _Group] = {}
+    unparsed: list[str] = []
+    for part in source.parts:
+        default = _default_component(part)
+        for key, entry in part.tensors.items():
+            parsed = _parse(key, default)
+            if parsed is None:
+                unparsed.append(key)
+                continue
+            g = groups.setdefault((parsed.component, parsed.module), _Group(part, parsed.component, parsed.module))
+            if parsed.param in g.params:
+                unparsed.append(key)  # the same parameter spelled twice
+                continue
+            g.styles.add(parsed.style)
+            g.params[parsed.param] = TensorRef(key, entry.dtype, entry.shape, part.get)
+            g.keys.append(key)
+    return groups, unparsed
+
+
+def _parse(key: str, default_component: str | None) -> ParsedKey | None:
+    parsed = parse_kohya(key)
+    if parsed is not None:
+        return parsed
+    body = key.removeprefix(PEFT_PREFIX)
+    parsed = parse_dotted(body, default_component)
+    if parsed is None:
+        return None
+    component = parsed.component
+    for prefix, comfy_component in COMFY_PREFIXES.items():
+        if parsed.module.startswith(prefix):
+            return ParsedKey(comfy_component, parsed.module, parsed.param, "comfyui")
+    if component is None:
+        component = next((c for p, c in PATH_COMPONENT if p.match(parsed.module + ".")), None)
+    return ParsedKey(component, parsed.module, parsed.param, parsed.style)
+
+
+def _default_component(part: Part) -> str | None:
+    if part.component:
+        return part.component
+    auto = (part.config or {}).get("auto_mapping") or {}
+    return PEFT_MODEL_CLASS.get(str(auto.get("base_model_class", "")))
+
+
+def _format_of(source: TensorSource, groups: dict[Any, _Group]) -> str:
+    if source.kind in ("peft-dir", "peft-components"):
+        return "peft"
+    styles = Counter(next(iter(sorted(g.styles))) for g in groups.values())
+    if not styles:
+        return "unknown"
+    top = styles.most_common(1)[0][0]
+    return {"kohya": "kohya", "comfyui": "comfyui"}.get(top, "diffusers")
+
+
+def _variant(fmt: str, groups: dict[Any, _Group], metadata: dict[str, str]) -> str:
+    styles = {s for g in groups.values() for s in g.styles}
+    params = {p for g in groups.values() for p in g.params}
+    parts: list[str] = []
+    if fmt == "kohya":
+        unet = [g.module for g in groups.values() if g.module.startswith("lora_unet_")]
+        sgm = any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", n) for n in unet)
+        diff = any(re.match(r"lora_unet_(down_blocks|mid_block|up_blocks)_", n) for n in unet)
+        parts.append({(True, True): "mixed-names", (True, False): "sgm-names", (False, True): "diffusers-names"}.get((sgm, diff), ""))
+        prefixes = sorted({p for p in KOHYA_PREFIXES for g in groups.values() if g.module.startswith(p + "_") and not any(
+            g.module.startswith(q + "_") and len(q) > len(p) for q in KOHYA_PREFIXES)})
+        parts.append("+".join(prefixes))
+        if "lycoris" in metadata.get("ss_network_module", "") or params & {"hada_w1_a", "lokr_w1", "lokr_w1_a", "dora_scale"}:
+            parts.append("lycoris")
+    elif fmt in ("diffusers", "comfyui", "peft"):
+        parts.extend(sorted({STYLE_LABEL.get(s, s) for s in styles if s != "comfyui"}))
+        if fmt == "diffusers" and not any(g.component for g in groups.values()):
+            parts.append("no-prefix")
+    return ", ".join(p for p in parts if p)
+
+
+def _merged_metadata(source: TensorSource) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for part in source.parts:
+        merged.update(part.metadata)
+    return merged
+
+
+def _configs(source: TensorSource) -> dict[str | None, dict[str, Any]]:
+    """Per-component PEFT-style configs: adapter_config.json or diffusers header metadata."""
+    configs: dict[str | None, dict[str, Any]] = {}
+    for part in source.parts:
+        if part.config is not None:
+            configs[part.component or _default_component(part)] = part.config
+        for component, cfg in configs_from_diffusers_metadata(part.metadata).items():
+            configs[component] = cfg
+    return configs
+
+
+def _config_hints(configs: dict[str | None, dict[str, Any]]) -> dict[str, str]:
+    for cfg in configs.values():
+        base = cfg.get("base_model_name_or_path")
+        if isinstance(base, str) and base:
+            return {"base_model_name_or_path": base}
+    return {}
+
+
+def _classify(
+    groups: dict[Any, _Group], fmt: str, configs: dict[str | None, dict[str, Any]]
+) -> tuple[list[tuple[_Group, AdapterModule]], list[_Group]]:
+
+    modules: list[tuple[_Group, AdapterModule]] = []
+    unclassified: list[_Group] = []
+    for g in groups.values():
+        shapes = {k: v.shape for k, v in g.params.items()}
+        kinds = set(shapes) - SIDE_PARAMS
+        ntype = classify(kinds, shapes) if kinds else None
+        if ntype is None:
+            unclassified.append(g)
+            continue
+        alpha = _alpha(g, configs, ntype, rank_of(ntype, shapes))
+        params = {k: v for k, v in g.params.items() if k != "alpha"}
+        module = AdapterModule(
+            key=ModuleKey(g.component or "unknown", g.module), params=params, network_type=ntype,
+            alpha=alpha, source_name=g.module,
+            dora_axis="out" if "peft-dora" in g.styles else None,
+        )
+        modules.append((g, module))
+    return modules, unclassified
+
+
+def _alpha(g: _Group, configs: dict[str | None, dict[str, Any]], ntype: str, rank: int | None) -> float | None:
+    ref = g.params.get("alpha")
+    if ref is not None:
+        value = g.part.scalar(ref.key)
+        value = struct.unpack("<f", struct.pack("<f", value))[0]  # read as float32
+        return value or None  # 0 means absent
+    config = configs.get(g.component) or (configs.get(None) if len(configs) == 1 else None)
+    if config is None:
+        return None
+    return kohya_alpha(config, g.module, rank)
+
+
+def _flat(g: _Group) -> str:
+    name = g.module
+    if g.styles == {"kohya"}:
+        prefix = next(p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p + "_"))
+        return name[len(prefix) + 1 :]
+    for prefix in COMFY_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    return name.replace(".", "_")
+
+
+def _module_shape(g: _Group, m: AdapterModule) -> ModuleShape:
+
+    out_f, in_f = weight_io(m.network_type, {k: v.shape for k, v in m.params.items()})
+    return ModuleShape(g.component or "unknown", _flat(g), out_f, in_f)
+
+
+def _resolve(adapter: Adapter, modules: list[tuple[_Group, AdapterModule]], family: str) -> None:
+    """Give each module its canonical key from the family's catalog; report what fails."""
+
+    catalog = arch.get_catalog(family) if family in arch.FAMILIES else None
+    unresolved: list[str] = []
+    for g, m in modules:
+        spec = _lookup(catalog, g) if catalog is not None else None
+        if spec is not None:
+            m.key = ModuleKey(spec.component, spec.path)
+            m.resolved = True
+            m.extra["target"] = spec.target
+            m.extra["shape"] = spec.shape
+        elif catalog is not None:
+            unresolved.append(g.module)
+            adapter.unknown_keys.extend(g.keys)
+        if m.dora and m.dora_axis is None:
+            m.dora_axis = dora_axis(m.params["dora_scale"].shape, _weight_shape(m))
+        if m.key in adapter.modules:
+            adapter.warnings.append(f"{m.key} appears twice (as {adapter.modules[m.key].source_name} and {g.module}); the second was dropped")
+            adapter.unknown_keys.extend(g.keys)
+            continue
+        adapter.modules[m.key] = m
+    adapter.unknown_keys.sort()
+    if unresolved:
+        shown = ", ".join(unresolved[:5]) + (", …" if len(unresolved) > 5 else "")
+        adapter.warnings.append(f"{len(unresolved)} module(s) not found in the {family} catalog: {shown}")
+
+
+def _weight_shape(m: AdapterModule) -> tuple[int, ...]:
+
+    if "shape" in m.extra:
+        return tuple(m.extra["shape"])
+    out_f, in_f = weight_io(m.network_type, {k: v.shape for k, v in m.params.items()})
+    return (out_f or 0, in_f or 0)
+
+
+def _lookup(catalog: Any, g: _Group) -> Any:
+    if g.styles == {"kohya"}:
+        return catalog.resolve_kohya(g.module)
+    if g.styles == {"comfyui"}:
+        return catalog.resolve_ldm(g.module)
+    components = [g.component] if g.component else []
+    if g.component in ("text_encoder", "text_encoder_2", None):
+        components += [c for c in ("text_encoder", "text_encoder_2") if c not in components]
+    for component in components:
+        spec = catalog.get(component, g.module)
+        if spec is not None and _fits(spec, g):
+            return spec
+    return None
+
+
+def _fits(spec: Any, g: _Group) -> bool:
+    """Whether the adapter's weight in/out features agree with the catalog's shape."""
+
+    shapes = {k: v.shape for k, v in g.params.items()}
+    ntype = classify(set(shapes) - SIDE_PARAMS, shapes)
+    out_f, in_f = weight_io(ntype, shapes) if ntype else (None, None)
+    if out_f is None or in_f is None or len(spec.shape) < 2:
+        return True
+    per_in = spec.shape[1] * (spec.shape[2] * spec.shape[3] if len(spec.shape) == 4 else 1)
+    return out_f == spec.shape[0] and in_f in (spec.shape[1], per_in)
+
+
+def _no_adapter_message(source: TensorSource, unparsed: list[str]) -> str:
+    total = sum(len(p.tensors) for p in source.parts)
+    if total == 0:
+        return "holds no tensors"
+    example = unparsed[0] if unparsed else next(iter(source.parts[0].tensors))
+    return f"no LoRA tensors among {total} tensors (e.g. {example!r}); is this a checkpoint rather than an adapter?"

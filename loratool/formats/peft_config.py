@@ -1,0 +1,64 @@
+"""PEFT's per-module rank/alpha rules, read from ``adapter_config.json`` or diffusers'
+``lora_adapter_metadata`` header, folded into kohya-convention alpha (scale = alpha/rank)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+# peft_type -> name of the alpha field in its config.
+ALPHA_FIELD: dict[str, str] = {"LORA": "lora_alpha", "LOHA": "alpha", "LOKR": "alpha"}
+
+
+def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """PEFT's rule: the first pattern ``k`` with ``(.*\\.)?(k)$`` matching ``module``."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error:
+            continue
+    return None
+
+
+def kohya_alpha(config: dict[str, Any], module: str, rank: int | None) -> float | None:
+    """The kohya-convention alpha that reproduces PEFT's scale for ``module``.
+
+    PEFT: scale = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA), with
+    ``alpha_pattern`` overrides; rank comes from the tensors.
+    """
+    field = ALPHA_FIELD.get(str(config.get("peft_type", "LORA")).upper(), "lora_alpha")
+    alpha = config.get(field)
+    patterns = config.get("alpha_pattern") or {}
+    key = pattern_key(patterns, module)
+    if key is not None:
+        alpha = patterns[key]
+    if alpha is None:
+        return None
+    alpha = float(alpha)
+    if config.get("use_rslora") and rank:
+        return alpha * math.sqrt(rank)
+    return alpha
+
+
+def configs_from_diffusers_metadata(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Split diffusers' ``lora_adapter_metadata`` ("unet.lora_alpha": …) per component."""
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(flat, dict):
+        return {}
+    per_component: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        component, _, field = str(key).partition(".")
+        if field:
+            per_component.setdefault(component, {})[field] = value
+    return per_component

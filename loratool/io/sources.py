@@ -1,0 +1,180 @@
+"""Open a LoRA file or folder as a :class:`TensorSource`: tensor table, metadata, config.
+
+Safetensors files are validated by :mod:`loratool.io.safetensors` and read lazily.
+Pickle-based files (``.pt/.bin/.ckpt``) are only ever read through
+``torch.load(weights_only=True)``; anything that needs more is refused.
+PEFT adapter folders (``adapter_model.safetensors|.bin`` + ``adapter_config.json``),
+diffusers folders (``pytorch_lora_weights.safetensors``) and loratool's per-component
+PEFT output (``unet/``, ``text_encoder/``… subfolders) are recognised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratool.errors import InputError, NotAnAdapterError, UnsafeInputError
+from loratool.io.safetensors import SafetensorsFile
+
+if TYPE_CHECKING:
+    import torch
+
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_CONFIG = "adapter_config.json"
+DIFFUSERS_WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+# Subfolders of a multi-component PEFT export, each a PEFT adapter folder.
+COMPONENT_DIRS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # zip-based torch.save, raw pickle protocol ≥ 2
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor as listed by its source: dtype (safetensors spelling) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Part:
+    """One weights file inside a source, with its component when the folder names one."""
+
+    path: str
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    config: dict[str, Any] | None
+    component: str | None
+    get: Callable[[str], torch.Tensor] = field(repr=False)
+    scalar: Callable[[str], float] = field(repr=False)
+    close: Callable[[], None] = field(repr=False, default=lambda: None)
+
+
+@dataclass
+class TensorSource:
+    """Everything read from a path: one or more parts (several for per-component folders)."""
+
+    path: str
+    kind: str  # "safetensors", "pickle", "peft-dir", "peft-components", "diffusers-dir"
+    parts: list[Part]
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+
+
+def open_source(path: str | os.PathLike[str]) -> TensorSource:
+    """Open ``path`` (file or folder) for reading; raises :class:`InputError` with a reason."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, "no such file or directory")
+    if p.is_dir():
+        return _open_dir(p)
+    part = _open_file(p, config=None, component=None)
+    return TensorSource(str(p), "pickle" if _is_pickle_path(p) else "safetensors", [part])
+
+
+def _open_dir(p: Path) -> TensorSource:
+    config_path = p / PEFT_CONFIG
+    weights = _first_existing(p, PEFT_WEIGHTS)
+    if weights is not None:
+        config = _read_config(config_path) if config_path.exists() else None
+        if config is None:
+            raise InputError(p, f"{weights.name} has no {PEFT_CONFIG} beside it")
+        return TensorSource(str(p), "peft-dir", [_open_file(weights, config, None)])
+    diffusers = _first_existing(p, DIFFUSERS_WEIGHTS)
+    if diffusers is not None:
+        return TensorSource(str(p), "diffusers-dir", [_open_file(diffusers, None, None)])
+    parts = []
+    for name in COMPONENT_DIRS:
+        sub = p / name
+        sub_weights = _first_existing(sub, PEFT_WEIGHTS) if sub.is_dir() else None
+        if sub_weights is None:
+            continue
+        if not (sub / PEFT_CONFIG).exists():
+            raise InputError(sub, f"{sub_weights.name} has no {PEFT_CONFIG} beside it")
+        parts.append(_open_file(sub_weights, _read_config(sub / PEFT_CONFIG), name))
+    if parts:
+        return TensorSource(str(p), "peft-components", parts)
+    raise NotAnAdapterError(
+        p,
+        "directory holds no adapter (expected adapter_model.safetensors + adapter_config.json, "
+        "pytorch_lora_weights.safetensors, or unet/ and text_encoder/ PEFT subfolders)",
+    )
+
+
+def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"cannot read adapter config: {exc.__class__.__name__}") from None
+    if not isinstance(config, dict):
+        raise InputError(path, "adapter config is not a JSON object")
+    return config
+
+
+def _is_pickle_path(p: Path) -> bool:
+    if p.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt"):
+        return True
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(PICKLE_MAGIC)
+
+
+def _open_file(p: Path, config: dict[str, Any] | None, component: str | None) -> Part:
+    if _is_pickle_path(p):
+        return _open_pickle(p, config, component)
+    st = SafetensorsFile(p)
+    tensors = {k: TensorEntry(v.dtype, v.shape) for k, v in st.tensors.items()}
+    return Part(str(p), tensors, st.metadata, config, component, st.get, st.scalar, st.close)
+
+
+def _open_pickle(p: Path, config: dict[str, Any] | None, component: str | None) -> Part:
+    """Load a pickle-based file with ``weights_only=True``; refuse anything else."""
+    import pickle
+
+    import torch
+
+    from loratool.io.safetensors import TORCH_DTYPES
+
+    if p.stat().st_size == 0:
+        raise InputError(p, "file is empty")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=_is_zip(p))
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        raise UnsafeInputError(
+            p, f"refused to unpickle: the file needs more than plain tensors ({first[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise InputError(p, f"not a readable torch file: {str(exc).splitlines()[0][:160]}") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise InputError(p, "torch file does not hold a flat dict of tensors")
+    names = {v: k for k, v in TORCH_DTYPES.items()}
+    tensors = {
+        k: TensorEntry(names.get(str(v.dtype).removeprefix("torch."), "F32"), tuple(v.shape))
+        for k, v in state.items()
+    }
+    return Part(
+        str(p), tensors, {}, config, component,
+        get=state.__getitem__,
+        scalar=lambda k: float(state[k].flatten()[0].float().item()),
+    )
+
+
+def _is_zip(p: Path) -> bool:
+    with open(p, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"

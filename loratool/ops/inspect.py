@@ -1,0 +1,143 @@
+"""``inspect``: everything worth knowing about a LoRA, from its header alone.
+
+:func:`load` returns the normalised :class:`~loratool.model.Adapter`; :func:`inspect`
+summarises it as an :class:`InspectReport` whose :meth:`~InspectReport.to_json` field
+names are a public contract (documented in the README). No torch is imported here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from loratool.formats.decode import decode
+from loratool.io.sources import open_source
+from loratool.model import Adapter
+
+# Flattened-name suffix -> target label, for modules no catalog resolved (first match wins).
+TARGET_SUFFIXES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"(attn\d?)_(to_q|to_k|to_v)$"), r"\1.\2"),
+    (re.compile(r"(attn\d?)_to_out(_0)?$"), r"\1.to_out.0"),
+    (re.compile(r"(attn)_(add_[qkv]_proj|to_add_out)$"), r"\1.\2"),
+    (re.compile(r"ff(_context)?_net_0_proj$"), r"ff\1.net.0.proj"),
+    (re.compile(r"ff(_context)?_net_2$"), r"ff\1.net.2"),
+    (re.compile(r"self_attn_(q|k|v|out)_proj$"), r"\1_proj"),
+    (re.compile(r"mlp_(fc1|fc2)$"), r"mlp.\1"),
+    (re.compile(r"(proj_in|proj_out|conv1|conv2|time_emb_proj|conv_shortcut|conv_in|conv_out|proj_mlp|text_projection)$"), r"\1"),
+    (re.compile(r"in_layers_2$"), "conv1"),
+    (re.compile(r"out_layers_3$"), "conv2"),
+    (re.compile(r"emb_layers_1$"), "time_emb_proj"),
+    (re.compile(r"skip_connection$"), "conv_shortcut"),
+    (re.compile(r"(downsamplers_0_conv|_op)$"), "downsamplers.conv"),
+    (re.compile(r"upsamplers_0_conv$|output_blocks_\d+_[12]_conv$"), "upsamplers.conv"),
+]
+
+
+def load(path: str | os.PathLike[str], family: str | None = None) -> Adapter:
+    """Read a LoRA file or folder (any supported format) into a normalised Adapter."""
+    return decode(open_source(path), family=family)
+
+
+@dataclass
+class InspectReport:
+    """What ``loratool inspect`` shows for one path."""
+
+    path: str
+    format: str
+    variant: str
+    family: str
+    family_evidence: list[str]
+    network_types: list[str]
+    components: dict[str, int]
+    modules: int
+    rank: dict[str, int | None]
+    alpha: dict[str, float | None]
+    targets: dict[str, int]
+    dtypes: list[str]
+    metadata: dict[str, str]
+    complete: bool
+    warnings: list[str]
+    hashes: dict[str, Any] | None = None
+    keys: list[str] | None = None
+    unknown_keys: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The public JSON shape (optional ``hashes``/``keys`` only when asked for)."""
+        out: dict[str, Any] = {
+            "path": self.path, "format": self.format, "variant": self.variant,
+            "family": self.family, "family_evidence": self.family_evidence,
+            "network_types": self.network_types, "components": self.components,
+            "modules": self.modules, "rank": self.rank, "alpha": self.alpha,
+            "targets": self.targets, "dtypes": self.dtypes, "metadata": self.metadata,
+            "complete": self.complete, "warnings": self.warnings,
+            "unknown_keys": self.unknown_keys,
+        }
+        if self.hashes is not None:
+            out["hashes"] = self.hashes
+        if self.keys is not None:
+            out["keys"] = self.keys
+        return out
+
+
+def target_label(module_name: str) -> str:
+    """A short target kind for a module name (flattened or dotted) no catalog resolved."""
+    flat = module_name.replace(".", "_")
+    for pattern, label in TARGET_SUFFIXES:
+        m = pattern.search(flat)
+        if m:
+            return m.expand(label)
+    return module_name.rsplit(".", 1)[-1].rsplit("_", 1)[-1]
+
+
+def summarize(adapter: Adapter) -> InspectReport:
+    """Summarise a loaded adapter (no tensor data is read)."""
+    mods = list(adapter.modules.values())
+    ranks = [r for r in (m.rank for m in mods) if r is not None]
+    alphas = [
+        m.alpha if m.alpha is not None else float(m.rank)
+        for m in mods if m.rank is not None
+    ]
+    types = {m.network_type for m in mods} | ({"dora"} if any(m.dora for m in mods) else set())
+    targets = Counter(m.extra.get("target") or target_label(m.source_name) for m in mods)
+    dtypes = sorted({ref.dtype for m in mods for ref in m.params.values()})
+    return InspectReport(
+        path=adapter.path, format=adapter.format, variant=adapter.variant, family=adapter.family,
+        family_evidence=adapter.family_evidence, network_types=sorted(types),
+        components=dict(sorted(Counter(m.key.component for m in mods).items())),
+        modules=len(mods),
+        rank={"min": min(ranks, default=None), "max": max(ranks, default=None)},
+        alpha={"min": min(alphas, default=None), "max": max(alphas, default=None)},
+        targets=dict(sorted(targets.items())), dtypes=dtypes, metadata=adapter.metadata,
+        complete=adapter.complete, warnings=adapter.warnings, unknown_keys=adapter.unknown_keys,
+    )
+
+
+def inspect(
+    path: str | os.PathLike[str], *, hashes: bool = False, keys: bool = False, family: str | None = None
+) -> InspectReport:
+    """Inspect one LoRA file or folder; ``hashes`` adds sha256/AutoV1/V2/V3 (streamed)."""
+    source = open_source(path)
+    try:
+        adapter = decode(source, family=family)
+        report = summarize(adapter)
+        if keys:
+            report.keys = sorted(k for part in source.parts for k in part.tensors)
+    finally:
+        source.close()
+    if hashes:
+        report.hashes = _hashes(source)
+    return report
+
+
+def _hashes(source: Any) -> dict[str, Any]:
+    """The weights file's hashes; for a per-component folder, one entry per weights file."""
+    from loratool.io.hashing import compute_hashes
+
+    if len(source.parts) == 1:
+        return compute_hashes(source.parts[0].path).as_dict()
+    return {
+        os.path.relpath(p.path, source.path): compute_hashes(p.path).as_dict() for p in source.parts
+    }
