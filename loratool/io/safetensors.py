@@ -138,7 +138,7 @@ def _check_entry(path: str | os.PathLike[str], name: str, entry: Any, data_start
     if not isinstance(entry, dict):
         raise _fail(path, f"tensor {name!r}: entry is not an object")
     dtype = entry.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise _fail(path, f"tensor {name!r}: unknown dtype {dtype!r}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(

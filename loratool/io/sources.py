@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,11 +151,12 @@ def _open_pickle(p: Path, config: dict[str, Any] | None, component: str | None) 
     if p.stat().st_size == 0:
         raise InputError(p, "file is empty")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=_is_zip(p))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=_is_zip(p))
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         raise UnsafeInputError(
-            p, f"refused to unpickle: the file needs more than plain tensors ({first[:160]})"
+            p, f"refused to unpickle: the file needs more than plain tensors ({_refusal(exc)})"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise InputError(p, f"not a readable torch file: {str(exc).splitlines()[0][:160]}") from None
@@ -173,6 +175,13 @@ def _open_pickle(p: Path, config: dict[str, Any] | None, component: str | None) 
         get=state.__getitem__,
         scalar=lambda k: float(state[k].flatten()[0].float().item()),
     )
+
+
+def _refusal(exc: Exception) -> str:
+    """The line of torch's refusal that names what the pickle wanted to load."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Unsupported" in ln or "global" in ln.lower()]
+    return (named or lines or ["unsupported content"])[0][:200]
 
 
 def _is_zip(p: Path) -> bool:

@@ -1,0 +1,178 @@
+"""Bad input gets one clear line, a non-zero exit and no traceback; the reader trusts nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from loratool import LoraToolError, load
+from loratool.errors import InputError, NotAnAdapterError, UnsafeInputError
+from loratool.io.safetensors import SafetensorsFile, read_header
+from tests.conftest import run_cli, write_raw_safetensors
+
+GOOD_HEADER = {
+    "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]},
+    "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": {"dtype": "F32", "shape": [4, 2], "data_offsets": [32, 64]},
+    "__metadata__": {"ss_network_dim": "2"},
+}
+
+
+def _good(tmp_path: Path) -> Path:
+    return write_raw_safetensors(tmp_path / "good.safetensors", GOOD_HEADER, bytes(64))
+
+
+class _Evil:
+    """Unpickling this runs code: it must never happen."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (path, expected fragment of the message)."""
+    cases: dict[str, tuple[Path, str]] = {}
+    cases["missing"] = (tmp_path / "nope.safetensors", "no such file")
+    (tmp_path / "emptydir").mkdir()
+    cases["dir without adapter"] = (tmp_path / "emptydir", "holds no adapter")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    cases["empty"] = (tmp_path / "empty.safetensors", "empty")
+    (tmp_path / "random.safetensors").write_bytes(os.urandom(4096))
+    cases["random bytes"] = (tmp_path / "random.safetensors", "not a safetensors file")
+    (tmp_path / "long.safetensors").write_bytes(struct.pack("<Q", 5000) + b"{}")
+    cases["header beyond file"] = (tmp_path / "long.safetensors", "runs past the end")
+    raw = b"{not json"
+    (tmp_path / "badjson.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    cases["invalid json"] = (tmp_path / "badjson.safetensors", "not valid JSON")
+    raw = b"[1, 2]"
+    (tmp_path / "list.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    cases["non-object json"] = (tmp_path / "list.safetensors", "not a JSON object")
+    hdr = {"a.lora_down.weight": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}
+    cases["unknown dtype"] = (write_raw_safetensors(tmp_path / "dtype.safetensors", hdr, bytes(4)), "unknown dtype")
+    hdr = {"a.lora_down.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}}
+    cases["offsets do not match shape"] = (write_raw_safetensors(tmp_path / "span.safetensors", hdr, bytes(12)), "needs 8")
+    hdr = {
+        "a.lora_down.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "a.lora_up.weight": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
+    cases["overlapping"] = (write_raw_safetensors(tmp_path / "overlap.safetensors", hdr, bytes(12)), "overlap")
+    hdr = {"a.lora_down.weight": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}
+    cases["negative offsets"] = (write_raw_safetensors(tmp_path / "neg.safetensors", hdr, bytes(8)), "data_offsets")
+    good = _good(tmp_path).read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(good[:-20])
+    cases["truncated"] = (tmp_path / "truncated.safetensors", "truncated")
+    ckpt = tmp_path / "checkpoint.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4), "model.diffusion_model.input_blocks.0.0.bias": torch.zeros(4)}, str(ckpt))
+    cases["plain checkpoint"] = (ckpt, "no LoRA tensors")
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"lora_unet_x.lora_down.weight": _Evil(tmp_path / "pwned")}))
+    cases["malicious pickle"] = (evil, "refused to unpickle")
+    evil_zip = tmp_path / "evil_zip.ckpt"
+    torch.save({"state_dict": _Evil(tmp_path / "pwned")}, evil_zip)
+    cases["malicious torch.save zip"] = (evil_zip, "refused to unpickle")
+    return cases
+
+
+CASES = [
+    "missing", "dir without adapter", "empty", "random bytes", "header beyond file", "invalid json",
+    "non-object json", "unknown dtype", "offsets do not match shape", "overlapping", "negative offsets",
+    "truncated", "plain checkpoint", "malicious pickle", "malicious torch.save zip",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path: Path, case: str) -> None:
+    path, fragment = _bad_inputs(tmp_path)[case]
+    before = path.read_bytes() if path.is_file() else None
+    result = run_cli("inspect", str(path))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {path}: "), lines[0]
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "pwned").exists(), "the pickle ran code"
+    if before is not None:
+        assert path.read_bytes() == before, "input was modified"
+
+
+def test_error_types(tmp_path: Path) -> None:
+    cases = _bad_inputs(tmp_path)
+    with pytest.raises(UnsafeInputError):
+        load(cases["malicious pickle"][0])
+    with pytest.raises(NotAnAdapterError):
+        load(cases["plain checkpoint"][0])
+    with pytest.raises(InputError):
+        load(cases["truncated"][0])
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_one_bad_file_does_not_stop_the_others(tmp_path: Path) -> None:
+    good = _good(tmp_path)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage!")
+    result = run_cli("inspect", "--json", str(bad), str(good))
+    assert result.returncode == 1
+    reports = json.loads(result.stdout)
+    assert [r["path"] for r in reports] == [str(good)]
+    assert result.stderr.count("error:") == 1
+
+
+def test_plain_tensor_pickle_is_read_with_weights_only(tmp_path: Path) -> None:
+    path = tmp_path / "lora.pt"
+    torch.save({
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(2, 320, 1, 1),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(320, 2, 1, 1),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(1.0),
+    }, path)
+    adapter = load(path)
+    (module,) = adapter.modules.values()
+    assert (module.rank, module.alpha, module.scale) == (2, 1.0, 0.5)
+
+
+def test_tensors_are_memory_mapped_and_lazy(tmp_path: Path) -> None:
+    tensors = {"x.lora_down.weight": torch.arange(12, dtype=torch.float16).reshape(3, 4)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"k": "v"})
+    with SafetensorsFile(path) as f:
+        assert f.metadata == {"k": "v"}
+        assert torch.equal(f.get("x.lora_down.weight"), tensors["x.lora_down.weight"])
+        assert f.scalar("x.lora_down.weight") == 0.0
+    assert read_header(path).tensors["x.lora_down.weight"].shape == (3, 4)
+
+
+def _mutations() -> st.SearchStrategy:
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.text(max_size=8))
+    value = st.recursive(leaf, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=6), c, max_size=3)), max_leaves=6)
+    fields = st.sampled_from(["dtype", "shape", "data_offsets", "__metadata__", "lora_unet_x.alpha", ""])
+    return st.lists(st.tuples(st.sampled_from(sorted(GOOD_HEADER)), fields, value), min_size=1, max_size=4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=_mutations(), cut=st.integers(0, 80), header_delta=st.integers(-3, 3))
+def test_mutated_headers_only_raise_our_error(tmp_path: Path, mutations: list, cut: int, header_delta: int) -> None:
+    header = json.loads(json.dumps(GOOD_HEADER))
+    for key, field, value in mutations:
+        if field == "" or key == "__metadata__":
+            header[key] = value
+        elif isinstance(header.get(key), dict):
+            header[key][field] = value
+    raw = json.dumps(header, allow_nan=True).encode()
+    body = struct.pack("<Q", max(0, len(raw) + header_delta)) + raw + bytes(64)
+    path = tmp_path / "mutated.safetensors"
+    path.write_bytes(body[: len(body) - cut])
+    try:
+        load(path)
+    except LoraToolError:
+        pass
