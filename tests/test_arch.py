@@ -1,0 +1,510 @@
+"""The architecture catalogs, held against diffusers' and transformers' own models.
+
+Models are built from the published configs on the meta device (no weights). The
+single-file mapping is checked by running diffusers' own LDM/SGM converters over a state
+dict keyed by the catalog's ``ldm_key``s.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from loratool.arch import FAMILIES, Catalog, ModuleSpec, flatten, get_catalog, kohya_prefixes
+from loratool.arch.catalog import _build
+from loratool.arch.families import FAMILY_CONFIGS
+
+# ------------------------------------------------------------------ published configs
+# unet/config.json of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1,
+# stabilityai/stable-diffusion-xl-base-1.0 and stabilityai/stable-diffusion-xl-refiner-1.0
+# (fields that shape modules; the rest are defaults).
+_COMMON = {
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+}
+UNET_CONFIGS: dict[str, dict] = {
+    "sd1": {
+        **_COMMON,
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "sample_size": 64,
+    },
+    "sd2": {
+        **_COMMON,
+        "attention_head_dim": [5, 10, 20, 20],
+        "block_out_channels": [320, 640, 1280, 1280],
+        "cross_attention_dim": 1024,
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "dual_cross_attention": False,
+        "use_linear_projection": True,
+        "upcast_attention": True,
+        "sample_size": 96,
+    },
+    "sdxl": {
+        **_COMMON,
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280],
+        "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "projection_class_embeddings_input_dim": 2816,
+        "transformer_layers_per_block": [1, 2, 10],
+        "use_linear_projection": True,
+        "sample_size": 128,
+    },
+    "sdxl-refiner": {
+        **_COMMON,
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [6, 12, 24, 24],
+        "block_out_channels": [384, 768, 1536, 1536],
+        "cross_attention_dim": 1280,
+        "down_block_types": [
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "projection_class_embeddings_input_dim": 2560,
+        "transformer_layers_per_block": 4,
+        "use_linear_projection": True,
+        "sample_size": 128,
+    },
+}
+
+# text_encoder*/config.json (CLIP-L of SD1.5 / SDXL, OpenCLIP-H of SD2.1, bigG of SDXL).
+_CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+_OPENCLIP_H = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+}
+_BIGG = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+TE_CONFIGS: dict[tuple[str, str], tuple[type, dict]] = {
+    ("sd1", "text_encoder"): (CLIPTextModel, _CLIP_L),
+    ("sd2", "text_encoder"): (CLIPTextModel, _OPENCLIP_H),
+    ("sdxl", "text_encoder"): (CLIPTextModel, _CLIP_L),
+    ("sdxl", "text_encoder_2"): (CLIPTextModelWithProjection, _BIGG),
+    ("sdxl-refiner", "text_encoder_2"): (CLIPTextModelWithProjection, _BIGG),
+}
+
+LAYER_TYPES = {
+    torch.nn.Linear: "linear",
+    torch.nn.Conv2d: "conv",
+    torch.nn.GroupNorm: "norm",
+    torch.nn.LayerNorm: "norm",
+}
+# The block classes the catalog records in ModuleSpec.block (kohya matches on these).
+BLOCKS = {
+    "Transformer2DModel",
+    "ResnetBlock2D",
+    "Downsample2D",
+    "Upsample2D",
+    "TimestepEmbedding",
+    "CLIPAttention",
+    "CLIPSdpaAttention",
+    "CLIPMLP",
+    "CLIPEncoderLayer",
+    "CLIPTextTransformer",
+}
+ALIASES = {"CLIPSdpaAttention": "CLIPAttention"}
+
+
+# ------------------------------------------------------------------------- helpers
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def _model(family: str, component: str) -> torch.nn.Module:
+    key = (family, component)
+    if key not in _MODELS:
+        with torch.device("meta"):
+            if component == "unet":
+                _MODELS[key] = UNet2DConditionModel(**UNET_CONFIGS[family])
+            else:
+                cls, cfg = TE_CONFIGS[key]
+                _MODELS[key] = cls(CLIPTextConfig(**cfg))
+    return _MODELS[key]
+
+
+def _hf_path(path: str, has_text_model: bool) -> str:
+    """Catalog spelling of a transformers path (transformers 5 dropped ``text_model.``)."""
+    if has_text_model or path == "text_projection":
+        return path
+    return f"text_model.{path}"
+
+
+def _layers(family: str, component: str) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """path -> (kind, weight shape, enclosing block class) from the real model."""
+    model = _model(family, component)
+    has_text_model = component == "unet" or hasattr(model, "text_model")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        assert has_text_model, "transformers 4.x must keep CLIP's text_model. level"
+    classes = {name: type(m).__name__ for name, m in model.named_modules()}
+    out = {}
+    for name, module in model.named_modules():
+        kind = next((k for t, k in LAYER_TYPES.items() if type(module) is t), None)
+        if kind is None:
+            continue
+        parts = name.split(".")
+        block = type(model).__name__
+        for i in range(len(parts) - 1, 0, -1):
+            cls = classes[".".join(parts[:i])]
+            if cls in BLOCKS:
+                block = ALIASES.get(cls, cls)
+                break
+        out[_hf_path(name, has_text_model)] = (kind, tuple(module.weight.shape), block)
+    return out
+
+
+def _catalog_layers(cat: Catalog, component: str) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    return {s.path: (s.kind, s.shape, s.block) for s in cat.of(component)}
+
+
+UNETS = [("unet", f) for f in FAMILIES]
+TEXT_ENCODERS = [(c, f) for (f, c) in TE_CONFIGS]
+
+
+# ----------------------------------------------------------------- catalog vs models
+@pytest.mark.parametrize(("component", "family"), UNETS + TEXT_ENCODERS)
+def test_catalog_equals_model_modules(component: str, family: str) -> None:
+    cat = get_catalog(family)
+    real = _layers(family, component)
+    ours = _catalog_layers(cat, component)
+    assert sorted(set(real) - set(ours)) == [], "modules missing from the catalog"
+    assert sorted(set(ours) - set(real)) == [], "catalog modules the model lacks"
+    diff = {p: (ours[p], real[p]) for p in real if ours[p] != real[p]}
+    assert diff == {}
+
+
+def test_components_per_family() -> None:
+    assert FAMILIES == ("sd1", "sd2", "sdxl", "sdxl-refiner")
+    got = {f: get_catalog(f).components() for f in FAMILIES}
+    assert got == {
+        "sd1": ("unet", "text_encoder"),
+        "sd2": ("unet", "text_encoder"),
+        "sdxl": ("unet", "text_encoder", "text_encoder_2"),
+        "sdxl-refiner": ("unet", "text_encoder_2"),
+    }
+
+
+# ------------------------------------------------------- single-file (LDM/SGM) keys
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unet_ldm_keys_match_diffusers_converter(family: str) -> None:
+    specs = get_catalog(family).of("unet")
+    checkpoint = {s.ldm_key: torch.empty(1) for s in specs}
+    assert len(checkpoint) == len(specs)
+    # diffusers copies some biases unconditionally; give every module one
+    biases = {k.removesuffix(".weight") + ".bias": torch.empty(1) for k in checkpoint}
+    converted = sfu.convert_ldm_unet_checkpoint({**checkpoint, **biases}, UNET_CONFIGS[family])
+    assert set(converted) == {f"{s.path}.{p}" for s in specs for p in ("weight", "bias")}
+    wrong = [s.path for s in specs if converted[f"{s.path}.weight"] is not checkpoint[s.ldm_key]]
+    assert wrong == []
+
+
+def _te_checkpoint(specs: tuple[ModuleSpec, ...]) -> dict[str, torch.Tensor]:
+    """Tiny tensors whose values tell rows apart; full shape for the transposed one."""
+    checkpoint: dict[str, torch.Tensor] = {}
+    for s in specs:
+        if s.ldm_slice is not None:
+            rows = 3 * (s.ldm_slice[1] - s.ldm_slice[0])
+            checkpoint.setdefault(s.ldm_key, torch.arange(rows, dtype=torch.float32)[:, None])
+        elif s.ldm_transposed:
+            checkpoint[s.ldm_key] = torch.arange(s.shape[0] * s.shape[1]).reshape(s.shape[::-1])
+        else:
+            checkpoint[s.ldm_key] = torch.full((1,), float(len(checkpoint)))
+    return checkpoint
+
+
+@pytest.mark.parametrize(("component", "family"), TEXT_ENCODERS)
+def test_text_encoder_ldm_keys_match_diffusers_converter(component: str, family: str) -> None:
+    te = next(t for t in FAMILY_CONFIGS[family].text_encoders if t.component == component)
+    specs = get_catalog(family).of(component)
+    checkpoint = _te_checkpoint(specs)
+    if te.ldm_layout == "hf":
+        converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    else:
+        assert te.ldm_layout == "openclip"
+        text_model = SimpleNamespace(config=SimpleNamespace(hidden_size=te.hidden))
+        converted = sfu.convert_open_clip_checkpoint(text_model, checkpoint, prefix=te.ldm_prefix)
+    assert set(converted) == {f"{s.path}.weight" for s in specs}
+    for s in specs:
+        expected = checkpoint[s.ldm_key]
+        if s.ldm_slice is not None:
+            expected = expected[s.ldm_slice[0] : s.ldm_slice[1]]
+        elif s.ldm_transposed:
+            expected = expected.T
+        assert torch.equal(converted[f"{s.path}.weight"], expected), s.path
+
+
+def test_ldm_layouts_as_documented() -> None:
+    sd2 = get_catalog("sd2").get("text_encoder", "text_model.encoder.layers.22.self_attn.v_proj")
+    assert sd2.ldm_key == "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"
+    assert sd2.ldm_slice == (2048, 3072)
+    xl = get_catalog("sdxl")
+    proj = xl.get("text_encoder_2", "text_projection")
+    assert (proj.ldm_key, proj.ldm_transposed) == (
+        "conditioner.embedders.1.model.text_projection",
+        True,
+    )
+    te1 = xl.get("text_encoder", "text_model.encoder.layers.0.mlp.fc1")
+    assert (
+        te1.ldm_key
+        == "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    )
+    ref = get_catalog("sdxl-refiner").get("text_encoder_2", "text_model.final_layer_norm")
+    assert ref.ldm_key == "conditioner.embedders.0.model.ln_final.weight"
+    # diffusers tells the refiner's checkpoint by this key (CHECKPOINT_KEY_NAMES)
+    ref_proj = get_catalog("sdxl-refiner").get("text_encoder_2", "text_projection")
+    assert ref_proj.ldm_key == sfu.CHECKPOINT_KEY_NAMES["open_clip_sdxl_refiner"]
+    up = xl.get("unet", "up_blocks.0.upsamplers.0.conv")
+    assert up.ldm_key == "model.diffusion_model.output_blocks.2.2.conv.weight"
+    up1 = get_catalog("sd1").get("unet", "up_blocks.0.upsamplers.0.conv")
+    assert up1.ldm_key == "model.diffusion_model.output_blocks.2.1.conv.weight"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resolve_ldm(family: str) -> None:
+    cat = get_catalog(family)
+    clip = {t.component: t.comfy_name for t in FAMILY_CONFIGS[family].text_encoders}
+    for s in cat.modules:
+        if s.component == "unet":
+            dotted = s.ldm_key.removesuffix(".weight")
+            assert cat.resolve_ldm(dotted) is s
+            assert cat.resolve_ldm(dotted.removeprefix("model.")) is s
+        elif s.ldm_slice is None:
+            assert cat.resolve_ldm(s.ldm_key.removesuffix(".weight")) is s
+        if s.component in clip:
+            assert cat.resolve_ldm(f"text_encoders.{clip[s.component]}.transformer.{s.path}") is s
+    assert cat.resolve_ldm("diffusion_model.input_blocks.99.1.proj_in") is None
+    assert cat.resolve_ldm("") is None
+
+
+def test_resolve_ldm_examples() -> None:
+    sd1, sd2 = get_catalog("sd1"), get_catalog("sd2")
+    assert sd1.resolve_ldm("diffusion_model.input_blocks.1.1.proj_in").path == (
+        "down_blocks.0.attentions.0.proj_in"
+    )
+    assert sd1.resolve_ldm("model.diffusion_model.output_blocks.2.1.conv.weight").path == (
+        "up_blocks.0.upsamplers.0.conv"
+    )
+    q = "text_model.encoder.layers.0.self_attn.q_proj"
+    assert sd1.resolve_ldm(f"text_encoders.clip_l.transformer.{q}").path == q
+    assert sd1.resolve_ldm(f"cond_stage_model.transformer.{q}").path == q
+    assert sd2.resolve_ldm(f"text_encoders.clip_h.transformer.{q}").path == q
+    assert sd2.resolve_ldm("cond_stage_model.model.transformer.resblocks.0.attn.k_proj").path == (
+        "text_model.encoder.layers.0.self_attn.k_proj"
+    )
+    assert sd2.resolve_ldm(f"text_encoders.clip_l.transformer.{q}") is None
+    g = get_catalog("sdxl-refiner").resolve_ldm(f"text_encoders.clip_g.transformer.{q}")
+    assert (g.component, g.path) == ("text_encoder_2", q)
+
+
+# ---------------------------------------------------------------------- kohya names
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_kohya_name_resolves_back(family: str) -> None:
+    cat = get_catalog(family)
+    names = [n for s in cat.modules for n in s.kohya_names]
+    assert len(names) == len(set(names))
+    for s in cat.modules:
+        assert cat.kohya_name(s) == s.kohya_names[0] == s.kohya_name
+        assert all(cat.resolve_kohya(n) is s for n in s.kohya_names)
+        assert cat.get(s.component, s.path) is s
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_sd_kohya_names_flatten_model_paths(family: str) -> None:
+    cat = get_catalog(family)
+    for component, prefix in kohya_prefixes(family).items():
+        paths = _layers(family, component)
+        assert {cat.kohya_name(s) for s in cat.of(component)} == {
+            prefix + "_" + p.replace(".", "_") for p in paths
+        }
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_sdxl_kohya_names_flatten_sgm_keys(family: str) -> None:
+    cat = get_catalog(family)
+    for s in cat.of("unet"):
+        ldm = s.ldm_key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+        assert cat.kohya_name(s) == "lora_unet_" + ldm.replace(".", "_")
+        assert s.kohya_names[1] == flatten("lora_unet", s.path)  # diffusers-named, accepted
+
+
+def test_kohya_examples() -> None:
+    sd1, xl, ref = get_catalog("sd1"), get_catalog("sdxl"), get_catalog("sdxl-refiner")
+    cases = [
+        (
+            sd1,
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj",
+            "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
+        ),
+        (
+            sd1,
+            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k",
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+        ),
+        (
+            sd1,
+            "lora_te1_text_model_encoder_layers_11_mlp_fc2",
+            "text_model.encoder.layers.11.mlp.fc2",
+        ),
+        (
+            xl,
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        ),
+        (xl, "lora_unet_input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
+        (xl, "lora_unet_input_blocks_1_0_emb_layers_1", "down_blocks.0.resnets.0.time_emb_proj"),
+        (xl, "lora_unet_input_blocks_4_0_skip_connection", "down_blocks.1.resnets.0.conv_shortcut"),
+        (xl, "lora_unet_input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"),
+        (xl, "lora_unet_output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv"),
+        (xl, "lora_unet_middle_block_0_in_layers_2", "mid_block.resnets.0.conv1"),
+        (xl, "lora_unet_label_emb_0_0", "add_embedding.linear_1"),
+        (xl, "lora_unet_down_blocks_1_attentions_0_proj_in", "down_blocks.1.attentions.0.proj_in"),
+        (xl, "lora_te2_text_projection", "text_projection"),
+        (
+            ref,
+            "lora_te_text_model_encoder_layers_31_self_attn_out_proj",
+            "text_model.encoder.layers.31.self_attn.out_proj",
+        ),
+        (
+            ref,
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+            "text_model.encoder.layers.0.mlp.fc1",
+        ),
+    ]
+    for cat, name, path in cases:
+        spec = cat.resolve_kohya(name)
+        assert spec is not None and spec.path == path, name
+    te = xl.resolve_kohya("lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+    assert te.component == "text_encoder"
+    assert kohya_prefixes("sd1") == {"unet": "lora_unet", "text_encoder": "lora_te"}
+    assert kohya_prefixes("sdxl") == {
+        "unet": "lora_unet",
+        "text_encoder": "lora_te1",
+        "text_encoder_2": "lora_te2",
+    }
+    assert kohya_prefixes("sdxl-refiner") == {"unet": "lora_unet", "text_encoder_2": "lora_te"}
+
+
+@pytest.mark.parametrize(
+    ("family", "name"),
+    [
+        ("sd1", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_x"),
+        ("sd1", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q_"),
+        ("sd1", "lora_unet_down.blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"),
+        ("sd1", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+        ("sd1", "lora_unet"),
+        ("sd1", ""),
+        ("sd1", "lora_te2_text_model_encoder_layers_0_mlp_fc1"),
+        ("sd1", "lora_te_text_model_encoder_layers_12_mlp_fc1"),
+        ("sd2", "lora_te_text_model_encoder_layers_23_mlp_fc1"),
+        ("sdxl", "lora_unet_input_blocks_1_1_proj_in"),
+        ("sdxl", "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"),
+        ("sdxl-refiner", "lora_te1_text_model_encoder_layers_0_mlp_fc1"),
+    ],
+)
+def test_garbage_does_not_resolve(family: str, name: str) -> None:
+    assert get_catalog(family).resolve_kohya(name) is None
+
+
+def _count(cat: Catalog, component: str, blocks: set[str], kinds=("linear", "conv")) -> int:
+    return sum(1 for s in cat.of(component) if s.block in blocks and s.kind in kinds)
+
+
+def test_module_counts_match_kohya() -> None:
+    """PEERS-kohya.md §0: what kohya's LoRANetwork creates (Linear/Conv2d in the blocks)."""
+    sd1, xl = get_catalog("sd1"), get_catalog("sdxl")
+    te_blocks = {"CLIPAttention", "CLIPMLP"}
+    assert _count(sd1, "text_encoder", te_blocks) == 72
+    assert _count(sd1, "unet", {"Transformer2DModel"}) == 192
+    conv_blocks = {"Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"}
+    assert _count(sd1, "unet", conv_blocks) == 278
+    assert _count(xl, "text_encoder", te_blocks) + _count(xl, "text_encoder_2", te_blocks) == 264
+    assert _count(xl, "unet", {"Transformer2DModel"}) == 722
+    assert _count(get_catalog("sd2"), "text_encoder", te_blocks) == 23 * 6
+
+
+# ------------------------------------------------------------------------ the API
+def test_unknown_family_is_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown model family"):
+        get_catalog("sd3")
+    with pytest.raises(ValueError):
+        kohya_prefixes("flux")
+
+
+def test_catalog_is_cached_and_fast() -> None:
+    for family in FAMILIES:
+        assert get_catalog(family) is get_catalog(family)
+        best = min(_timed(family) for _ in range(3))
+        assert best < 0.05, f"{family}: {best * 1000:.1f} ms"
+
+
+def _timed(family: str) -> float:
+    t = time.perf_counter()
+    _build(FAMILY_CONFIGS[family])
+    return time.perf_counter() - t
+
+
+def test_import_does_not_load_torch() -> None:
+    code = (
+        "import sys; from loratool.arch import get_catalog, FAMILIES\n"
+        "[get_catalog(f) for f in FAMILIES]\n"
+        "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_specs_are_consistent() -> None:
+    for family in FAMILIES:
+        for s in get_catalog(family).modules:
+            assert len(s.shape) == {"linear": 2, "conv": 4, "norm": 1}[s.kind], s.path
+            assert s.ldm_transposed == (s.path == "text_projection" and "embedders" in s.ldm_key)
+            assert (s.ldm_slice is not None) == s.ldm_key.endswith("in_proj_weight")
+            label = s.target.removeprefix("resnet.")
+            assert s.path.replace(".0.conv", ".conv").endswith(label), (s.path, s.target)
