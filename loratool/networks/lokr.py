@@ -45,7 +45,7 @@ def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN00
 
     w1, w2 = _w1(tensors), _w2(tensors)
     w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - w1.dim())))
-    return torch.kron(w1, w2) * scale
+    return torch.kron(w1.contiguous(), w2.contiguous()) * scale
 
 
 LOKR = NetworkType(
