@@ -1,0 +1,147 @@
+"""Choosing the right file of a version, safe local names, and parsing model URLs."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from loratool.errors import RegistryError, UsageError
+
+MAX_NAME_BYTES = 240  # leaves room for ".part" / ".civitai.info" under a 255-byte limit
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin",
+                    ".onnx", ".zip", ".yaml", ".json")
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+PICKLE_FORMATS = ("PickleTensor",)
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                    *(f"LPT{i}" for i in range(1, 10))}
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
+
+
+def sanitize_filename(raw: str) -> str:
+    """A registry-supplied file name made safe: basename only, no separators or controls.
+
+    Raises :class:`RegistryError` when nothing usable is left or the extension is not a
+    model/asset extension we expect.
+    """
+    name = unicodedata.normalize("NFC", raw or "")
+    name = re.split(r"[/\\]", name)[-1]  # basename, whichever separator was used
+    name = _UNSAFE.sub("_", name).strip().lstrip(".").rstrip(". ")
+    stem, dot, ext = name.rpartition(".")
+    if not dot:
+        stem, ext = name, ""
+    if stem.split(".")[0].upper() in WINDOWS_RESERVED:
+        stem = "_" + stem
+    while len(f"{stem}.{ext}".encode()) > MAX_NAME_BYTES and stem:
+        stem = stem[:-1]
+    name = f"{stem}.{ext}" if ext else stem
+    if not stem or not name or name in (".", ".."):
+        raise RegistryError(raw, "registry gave an unusable file name")
+    if not name.lower().endswith(MODEL_EXTENSIONS):
+        raise RegistryError(raw, f"unexpected file extension (expected one of {', '.join(MODEL_EXTENSIONS)})")
+    return name
+
+
+def inside(dest_dir: Path, name: str) -> Path:
+    """``dest_dir / name``, refusing anything that would resolve outside ``dest_dir``."""
+    root = dest_dir.resolve()
+    target = (root / name).resolve()
+    if target.parent != root:
+        raise RegistryError(name, f"file name would escape {dest_dir}")
+    return target
+
+
+def is_pickle(file: dict[str, Any]) -> bool:
+    fmt = (file.get("metadata") or {}).get("format")
+    return fmt in PICKLE_FORMATS or str(file.get("name", "")).lower().endswith(PICKLE_EXTENSIONS)
+
+
+def scan_warnings(file: dict[str, Any]) -> list[str]:
+    """One warning per registry scan result that is not ``Success``."""
+    out = []
+    for key, label in (("pickleScanResult", "pickle scan"), ("virusScanResult", "virus scan")):
+        value = file.get(key)
+        if value is not None and value != "Success":
+            out.append(f"registry {label} result is {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class FileChoice:
+    """How to pick a file of a version (defaults: the primary Model file)."""
+
+    file_type: str = "Model"
+    format: str | None = None
+    fp: str | None = None
+    size: str | None = None
+
+    def matches(self, file: dict[str, Any]) -> bool:
+        meta = file.get("metadata") or {}
+        wanted = {"format": self.format, "fp": self.fp, "size": self.size}
+        return file.get("type") == self.file_type and all(
+            v is None or str(meta.get(k, "")).lower() == v.lower() for k, v in wanted.items()
+        )
+
+
+def select_file(version: dict[str, Any], choice: FileChoice) -> dict[str, Any]:
+    """The file of ``version`` that ``choice`` asks for: the primary one among matches."""
+    files = version.get("files") or []
+    matches = [f for f in files if choice.matches(f)]
+    if not matches:
+        listing = "; ".join(_describe(f) for f in files) or "none listed"
+        raise RegistryError(f"version {version.get('id')}",
+                            f"no {choice.file_type} file matches (files: {listing})")
+    return next((f for f in matches if f.get("primary")), matches[0])
+
+
+def _describe(f: dict[str, Any]) -> str:
+    meta = f.get("metadata") or {}
+    extra = "/".join(str(meta[k]) for k in ("format", "fp", "size") if meta.get(k))
+    return f"{f.get('name')} [{f.get('type')}{', ' + extra if extra else ''}]"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the user pointed at: a model, or one version of it."""
+
+    model_id: int | None = None
+    version_id: int | None = None
+    origin: str | None = None  # scheme://host of a URL the user gave
+
+
+# URL path pattern -> which id it names.
+_URL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^/api/download/models/(\d+)/?$"), "version"),
+    (re.compile(r"^/api/v1/model-versions/(\d+)/?$"), "version"),
+    (re.compile(r"^/api/v1/models/(\d+)/?$"), "model"),
+    (re.compile(r"^/models/(\d+)(?:/[^/]*)?/?$"), "model"),
+)
+
+
+def parse_target(ref: str | None, version: int | None) -> Target:
+    """``MODEL_ID``, ``--version ID`` or a model page / download URL → :class:`Target`."""
+    if version is not None:
+        if ref:
+            raise UsageError(ref, "give either MODEL_ID/URL or --version, not both")
+        return Target(version_id=version)
+    if not ref:
+        raise UsageError(None, "give a MODEL_ID, a model URL or --version ID")
+    if ref.isdigit():
+        return Target(model_id=int(ref))
+    parts = urlsplit(ref)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(ref, "not a model id or a registry URL")
+    site = f"{parts.scheme}://{parts.netloc}"
+    for pattern, kind in _URL_PATTERNS:
+        m = pattern.match(parts.path)
+        if not m:
+            continue
+        if kind == "version":
+            return Target(version_id=int(m.group(1)), origin=site)
+        vid = parse_qs(parts.query).get("modelVersionId", [None])[0]
+        return Target(model_id=int(m.group(1)),
+                      version_id=int(vid) if vid and vid.isdigit() else None, origin=site)
+    raise UsageError(ref, "not a model page (/models/<id>) or download link (/api/download/models/<id>)")
