@@ -132,6 +132,55 @@ TE_CONFIGS: dict[tuple[str, str], tuple[type, dict]] = {
     ("sdxl-refiner", "text_encoder_2"): (CLIPTextModelWithProjection, _BIGG),
 }
 
+# The original LDM/SGM yaml UNet params (v1-inference.yaml, v2-inference-v.yaml,
+# sd_xl_base.yaml, sd_xl_refiner.yaml): a second oracle, independent of the dicts above.
+_LDM = {"in_channels": 4, "out_channels": 4, "num_res_blocks": 2}
+_SGM = {
+    **_LDM,
+    "num_classes": "sequential",
+    "num_head_channels": 64,
+    "use_linear_in_transformer": True,
+}
+LDM_UNET_PARAMS: dict[str, dict] = {
+    "sd1": {
+        **_LDM,
+        "model_channels": 320,
+        "attention_resolutions": [4, 2, 1],
+        "channel_mult": [1, 2, 4, 4],
+        "num_heads": 8,
+        "transformer_depth": 1,
+        "context_dim": 768,
+    },
+    "sd2": {
+        **_LDM,
+        "model_channels": 320,
+        "attention_resolutions": [4, 2, 1],
+        "channel_mult": [1, 2, 4, 4],
+        "num_head_channels": 64,
+        "use_linear_in_transformer": True,
+        "transformer_depth": 1,
+        "context_dim": 1024,
+    },
+    "sdxl": {
+        **_SGM,
+        "adm_in_channels": 2816,
+        "model_channels": 320,
+        "attention_resolutions": [4, 2],
+        "channel_mult": [1, 2, 4],
+        "transformer_depth": [1, 2, 10],
+        "context_dim": 2048,
+    },
+    "sdxl-refiner": {
+        **_SGM,
+        "adm_in_channels": 2560,
+        "model_channels": 384,
+        "attention_resolutions": [4, 2],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth": 4,
+        "context_dim": [1280, 1280, 1280, 1280],
+    },
+}
+
 LAYER_TYPES = {
     torch.nn.Linear: "linear",
     torch.nn.Conv2d: "conv",
@@ -186,7 +235,7 @@ def _layers(family: str, component: str) -> dict[str, tuple[str, tuple[int, ...]
     classes = {name: type(m).__name__ for name, m in model.named_modules()}
     out = {}
     for name, module in model.named_modules():
-        kind = next((k for t, k in LAYER_TYPES.items() if type(module) is t), None)
+        kind = next((k for t, k in LAYER_TYPES.items() if isinstance(module, t)), None)
         if kind is None:
             continue
         parts = name.split(".")
@@ -218,6 +267,29 @@ def test_catalog_equals_model_modules(component: str, family: str) -> None:
     assert sorted(set(ours) - set(real)) == [], "catalog modules the model lacks"
     diff = {p: (ours[p], real[p]) for p in real if ours[p] != real[p]}
     assert diff == {}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_catalog_equals_unet_from_original_yaml(family: str) -> None:
+    """diffusers' own yaml -> config derivation gives the same UNet as the catalog."""
+    original = {
+        "model": {
+            "params": {
+                "unet_config": {"params": LDM_UNET_PARAMS[family]},
+                "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
+            }
+        }
+    }
+    config = sfu.create_unet_diffusers_config_from_ldm(original, {}, image_size=512)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    real = {
+        n: tuple(m.weight.shape)
+        for n, m in unet.named_modules()
+        if isinstance(m, tuple(LAYER_TYPES))
+    }
+    assert real == {s.path: s.shape for s in get_catalog(family).of("unet")}
 
 
 def test_components_per_family() -> None:

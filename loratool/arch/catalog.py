@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cache
 
 from loratool.arch.families import FAMILIES, FAMILY_CONFIGS, FamilyConfig
@@ -37,13 +37,19 @@ class Catalog:
             for name in spec.kohya_names:
                 _put(self._by_kohya, name, spec, family)
         self._by_ldm = ldm_aliases
-        self._components = tuple(dict.fromkeys(s.component for s in self.modules))
+        groups: dict[str, list[ModuleSpec]] = {}
+        for spec in self.modules:
+            groups.setdefault(spec.component, []).append(spec)
+        self._by_component = {c: tuple(specs) for c, specs in groups.items()}
 
     def __repr__(self) -> str:
         return f"Catalog({self.family!r}, {len(self.modules)} modules)"
 
     def __len__(self) -> int:
         return len(self.modules)
+
+    def __iter__(self) -> Iterator[ModuleSpec]:
+        return iter(self.modules)
 
     def get(self, component: str, path: str) -> ModuleSpec | None:
         """The module at a diffusers component and dotted path, or None."""
@@ -75,11 +81,11 @@ class Catalog:
 
     def components(self) -> tuple[str, ...]:
         """The family's components in catalog order (``unet`` first)."""
-        return self._components
+        return tuple(self._by_component)
 
     def of(self, component: str) -> tuple[ModuleSpec, ...]:
         """The modules of one component."""
-        return tuple(s for s in self.modules if s.component == component)
+        return self._by_component.get(component, ())
 
 
 def _put(table: dict, key: object, spec: ModuleSpec, family: str) -> None:
