@@ -7,6 +7,7 @@ dict keyed by the catalog's ``ldm_key``s.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest
 import torch
 import transformers
 from diffusers import UNet2DConditionModel
+from diffusers.loaders import lora_conversion_utils as lcu
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -444,6 +446,33 @@ def test_sdxl_kohya_names_flatten_sgm_keys(family: str) -> None:
         ldm = s.ldm_key.removeprefix("model.diffusion_model.").removesuffix(".weight")
         assert cat.kohya_name(s) == "lora_unet_" + ldm.replace(".", "_")
         assert s.kohya_names[1] == flatten("lora_unet", s.path)  # diffusers-named, accepted
+
+
+def test_sdxl_sgm_kohya_names_load_where_diffusers_puts_them() -> None:
+    """diffusers' own kohya-SDXL loader maps our SGM names to our diffusers paths.
+
+    It covers the block modules (no conv_in/time/label embeddings, no norms) and speaks
+    the old processor spelling for attention, which is normalised here.
+    """
+    specs = [
+        s
+        for s in get_catalog("sdxl").of("unet")
+        if s.kind != "norm"
+        and s.path != "conv_in"
+        and re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", s.kohya_name)
+    ]
+    t = torch.zeros(1)
+    state = {f"{s.kohya_name}.lora_{p}.weight": t for s in specs for p in ("down", "up")}
+    state = lcu._maybe_map_sgm_blocks_to_diffusers(state, SimpleNamespace(layers_per_block=2))
+    converted, _ = lcu._convert_non_diffusers_lora_to_diffusers(state)
+    got = set()
+    for key in converted:
+        if ".down." in key:
+            key = re.sub(r"\.processor\.to_out_lora\.down\.weight$", ".to_out.0", key)
+            key = re.sub(r"\.processor\.to_([qkv])_lora\.down\.weight$", r".to_\1", key)
+            got.add(key.removeprefix("unet.").removesuffix(".lora.down.weight"))
+    assert len(specs) > 700
+    assert got == {s.path for s in specs}
 
 
 def test_kohya_examples() -> None:
