@@ -344,6 +344,7 @@ def test_lokr_matches_peft(case):
     t = adapter_tensors(layer, LOKR_NAMES)
     w0 = layer.get_base_layer().weight.detach()
     assert classify(set(t), shapes_of(t)) == "lokr"
+    assert ("lokr_t2" in t) == (case == "conv_tucker")
     expected = layer.get_delta_weight("default")
     ours = delta_weight("lokr", t, alpha, tuple(w0.shape))
     if case.endswith("both_full"):
