@@ -7,9 +7,7 @@ only by :meth:`SafetensorsFile.get`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -210,12 +208,17 @@ def decode_scalar(raw: bytes, dtype: str) -> float:
 
 
 class SafetensorsFile:
-    """A validated safetensors file whose tensors are read lazily from a memory map."""
+    """A validated safetensors file whose tensors are read only when asked for.
+
+    Tensor bytes are read with ``pread`` into a fresh buffer per tensor, so a process that
+    streams a checkpoint holds one tensor at a time (a memory map would make every page
+    it touched count toward its resident size).
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
         self.header = read_header(path)
-        self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -228,48 +231,46 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.header.tensors)
 
-    def _map(self) -> mmap.mmap:
-        if self._mmap is None:
-            with open(self.path, "rb") as fh:
-                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mmap
+    def _handle(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
 
-    def raw(self, name: str) -> memoryview:
-        """The tensor's bytes (a view into the memory map; nothing is copied)."""
+    def read_bytes(self, name: str) -> bytearray:
+        """The tensor's raw little-endian bytes, exactly as stored."""
         info = self.header.tensors[name]
-        return memoryview(self._map())[info.start : info.end]
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(self._handle(), [view[done:]], info.start + done)
+            if n == 0:
+                raise InputError(self.path, f"truncated while reading tensor {name!r}")
+            done += n
+        return buf
 
     def scalar(self, name: str) -> float:
         """First element of a small tensor as float (alpha values), without torch."""
         info = self.header.tensors[name]
         if info.numel == 0:
             raise InputError(self.path, f"tensor {name!r} is empty")
-        with open(self.path, "rb") as fh:
-            fh.seek(info.start)
-            return decode_scalar(fh.read(DTYPE_SIZES[info.dtype]), info.dtype)
+        raw = os.pread(self._handle(), DTYPE_SIZES[info.dtype], info.start)
+        return decode_scalar(raw, info.dtype)
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor as a torch tensor backed by the memory map (read-only; copy to modify)."""
+        """The tensor as a torch tensor (owning its memory; safe to modify)."""
         import torch
 
         info = self.header.tensors[name]
         dtype = getattr(torch, TORCH_DTYPES[info.dtype])
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
-        buf = self.raw(name)
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it
-            flat = torch.frombuffer(buf, dtype=dtype, count=info.numel)
-        return flat.view(info.shape)
+        return torch.frombuffer(self.read_bytes(name), dtype=dtype, count=info.numel).view(info.shape)
 
     def close(self) -> None:
-        if self._mmap is not None:
-            # Tensors may still reference the map; it then closes when they are freed.
-            with contextlib.suppress(BufferError):
-                self._mmap.close()
-            self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> SafetensorsFile:
         return self

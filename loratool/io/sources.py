@@ -52,6 +52,7 @@ class Part:
     get: Callable[[str], torch.Tensor] = field(repr=False)
     scalar: Callable[[str], float] = field(repr=False)
     close: Callable[[], None] = field(repr=False, default=lambda: None)
+    raw: Callable[[str], bytearray] | None = field(repr=False, default=None)  # bytes as stored
 
 
 @dataclass
@@ -137,7 +138,7 @@ def _open_file(p: Path, config: dict[str, Any] | None, component: str | None) ->
         return _open_pickle(p, config, component)
     st = SafetensorsFile(p)
     tensors = {k: TensorEntry(v.dtype, v.shape) for k, v in st.tensors.items()}
-    return Part(str(p), tensors, st.metadata, config, component, st.get, st.scalar, st.close)
+    return Part(str(p), tensors, st.metadata, config, component, st.get, st.scalar, st.close, st.read_bytes)
 
 
 def _open_pickle(p: Path, config: dict[str, Any] | None, component: str | None) -> Part:

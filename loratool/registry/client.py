@@ -190,6 +190,8 @@ class RegistryClient:
         """Resolve ``/api/download/models/{id}`` to the storage URL (a fresh signature each call)."""
         url = f"{self.base_url}/api/download/models/{int(version_id)}"
         resp = self.send("GET", url, params=params or None, follow=False, stream=True)
+        if resp.status_code >= 400:
+            raise http_error(url, resp)
         resp.close()
         if resp.is_redirect:
             target = urljoin(resp.url, resp.headers["Location"])

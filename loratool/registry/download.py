@@ -213,7 +213,7 @@ class _Download:
                 why, retry_after = str(r), r.retry_after
             except NETWORK_ERRORS as exc:
                 why, retry_after = _network_reason(exc), None
-            failures = 0 if self.transferred > before else failures + 1
+            failures = 1 if self.transferred > before else failures + 1
             if failures > self.retries:
                 raise RegistryError(self.final, f"{why}; gave up after {failures} attempts "
                                                 f"(partial data kept in {self.part.name} for resume)")

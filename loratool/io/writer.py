@@ -1,0 +1,150 @@
+"""Atomic, streaming safetensors output.
+
+Tensors are produced one at a time (each read lazily from its source, converted, written
+and released), so memory stays bounded by the largest tensor. Output goes to a temp file
+in the destination folder and is renamed over the final name only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loratool.errors import InputError
+from loratool.io.safetensors import DTYPE_SIZES, TORCH_DTYPES
+
+if TYPE_CHECKING:
+    import torch
+
+HASH_PLACEHOLDER = "0" * 64
+
+
+@dataclass
+class OutTensor:
+    """One tensor to write: its key, output dtype/shape, and how to produce it."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor | bytes | bytearray | memoryview]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def st_dtype(t: torch.Tensor) -> str:
+    """safetensors dtype name of a torch tensor."""
+    name = str(t.dtype).removeprefix("torch.")
+    return next(k for k, v in TORCH_DTYPES.items() if v == name)
+
+
+def _header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        header[t.key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)  # align the data area to 8 bytes
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
+    """A temp file (or folder) beside ``final``, moved over it only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    else:
+        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            _replace_dir(tmp, final)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old)
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: list[OutTensor],
+    metadata: dict[str, str] | None = None,
+    *,
+    hash_key: str | None = None,
+) -> str:
+    """Stream ``tensors`` into a new safetensors file at ``path`` (wrap in :func:`atomic_path`).
+
+    With ``hash_key``, that metadata field receives the SHA-256 of the data area (kohya's
+    ``sshs_model_hash`` = Civitai AutoV3), computed while writing. Returns that digest.
+    """
+    meta = dict(metadata or {})
+    if hash_key:
+        meta[hash_key] = HASH_PLACEHOLDER
+    header = _header_bytes(tensors, meta)
+    digest = hashlib.sha256()
+    with open(path, "wb+") as fh:
+        fh.write(len(header).to_bytes(8, "little"))
+        fh.write(header)
+        for t in tensors:
+            data = _bytes_of(t)
+            digest.update(data)
+            fh.write(data)
+            del data
+        if hash_key:
+            fh.seek(8)
+            fh.write(header.replace(HASH_PLACEHOLDER.encode(), digest.hexdigest().encode(), 1))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return digest.hexdigest()
+
+
+def _bytes_of(t: OutTensor) -> memoryview:
+    tensor = t.produce()
+    if isinstance(tensor, (bytes, bytearray, memoryview)):  # stored bytes passed through
+        if len(tensor) != t.nbytes:
+            raise InputError(None, f"internal: {t.key} produced {len(tensor)} bytes, expected {t.nbytes}")
+        return memoryview(tensor)
+    if st_dtype(tensor) != t.dtype or tuple(tensor.shape) != t.shape:
+        raise InputError(
+            None, f"internal: {t.key} produced {st_dtype(tensor)}{tuple(tensor.shape)}, expected {t.dtype}{t.shape}"
+        )
+    import torch
+
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write JSON (inside an :func:`atomic_path` folder or file)."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

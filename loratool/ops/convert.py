@@ -1,0 +1,166 @@
+"""``convert``: rewrite an adapter in another key format, losslessly, and prove it.
+
+load → check every module fits the target (refuse before writing) → encode → stream to a
+temp file/folder → re-read the output and compare every module's ΔW (scale included)
+with the source → rename into place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loratool import arch
+from loratool.errors import ConversionError, UsageError
+from loratool.formats.decode import decode
+from loratool.formats.encode import (
+    DTYPES,
+    ENCODERS,
+    TARGETS,
+    EncodeOptions,
+    unsupported_reason,
+    writes_directory,
+)
+from loratool.io.sources import open_source
+from loratool.io.writer import atomic_path, write_json, write_safetensors
+from loratool.model import Adapter, AdapterModule
+from loratool.ops.verify import compare_adapters
+
+CONVERTIBLE_FAMILIES = arch.FAMILIES
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote and how closely the output matches the source."""
+
+    source: str
+    output: str
+    target: str
+    family: str
+    modules: int
+    files: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    max_abs_diff: float | None = None  # None when verification was skipped
+    identical_modules: int = 0
+
+
+def convert(
+    src: str | os.PathLike[str],
+    target: str,
+    output: str | os.PathLike[str],
+    *,
+    family: str | None = None,
+    dtype: str | None = None,
+    verify: bool = True,
+    skip_unsupported: bool = False,
+    force: bool = False,
+) -> ConvertResult:
+    """Convert ``src`` to ``target`` format at ``output``; see module docstring."""
+    if target not in TARGETS:
+        raise UsageError(None, f"unknown target format {target!r}; choose from {', '.join(TARGETS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(None, f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    out = Path(output)
+    _check_output(Path(src), out, force)
+    source = open_source(src)
+    try:
+        adapter = decode(source, family=family)
+        _check_family(adapter)
+        modules, skipped = _select(adapter, target, skip_unsupported)
+        catalog = arch.get_catalog(adapter.family)
+        plan = ENCODERS[target](adapter, modules, catalog, EncodeOptions(dtype=DTYPES.get(dtype or "")))
+        result = ConvertResult(str(src), str(out), target, adapter.family, len(modules), [], skipped)
+        with atomic_path(out, directory=writes_directory(target)) as tmp:
+            for f in plan:
+                dest = tmp / f.relpath if f.relpath else tmp
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                write_safetensors(dest, f.tensors, f.metadata, hash_key=f.hash_key)
+                if f.config is not None:
+                    write_json(dest.parent / "adapter_config.json", f.config)
+                result.files.append(str(out / f.relpath) if f.relpath else str(out))
+            if verify:
+                _verify(adapter, modules, tmp, result, exact=dtype is None)
+    finally:
+        source.close()
+    return result
+
+
+def _check_output(src: Path, out: Path, force: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if src.exists() and (out.resolve() == src.resolve() or _inside(src.resolve(), out.resolve()) or _inside(out.resolve(), src.resolve())):
+            raise UsageError(out, "refusing to write onto the input")
+        if not force:
+            raise UsageError(out, "already exists (use --force to replace it)")
+    elif src.exists() and _inside(out.resolve(), src.resolve()) and src.is_dir():
+        raise UsageError(out, "refusing to write inside the input folder")
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child != parent and parent in child.parents
+
+
+def _check_family(adapter: Adapter) -> None:
+    if adapter.family in CONVERTIBLE_FAMILIES:
+        return
+    fits = next((e.removeprefix("ambiguous: fits ") for e in adapter.family_evidence if e.startswith("ambiguous: fits ")), None)
+    if fits:
+        raise ConversionError(adapter.path, f"the base model is ambiguous: fits {fits}; pass --family")
+    if adapter.family == "unknown":
+        raise ConversionError(adapter.path, "cannot tell the base model family; pass --family")
+    raise ConversionError(
+        adapter.path, f"convert supports {', '.join(CONVERTIBLE_FAMILIES)}; this adapter is {adapter.family}"
+    )
+
+
+def _select(adapter: Adapter, target: str, skip: bool) -> tuple[list[AdapterModule], dict[str, str]]:
+    """Modules the target can hold, and why each other one (and each unknown key) cannot."""
+    keep: list[AdapterModule] = []
+    refused: dict[str, str] = {}
+    for m in adapter.modules.values():
+        reason = unsupported_reason(target, m)
+        if reason is None and not m.resolved and target != "kohya":
+            reason = f"not a module of the {adapter.family} catalog, so it has no {target} name"
+        if reason is None:
+            keep.append(m)
+        else:
+            refused[m.source_name or str(m.key)] = reason
+    for key in adapter.unknown_keys:
+        refused.setdefault(key, "unrecognised key")
+    if refused and not skip:
+        raise ConversionError(
+            adapter.path,
+            f"{target} cannot hold {len(refused)} module(s)/key(s): {_by_reason(refused)}; "
+            "--skip-unsupported writes the rest",
+        )
+    if not keep:
+        raise ConversionError(adapter.path, f"nothing left to write as {target}")
+    return keep, refused
+
+
+def _by_reason(refused: dict[str, str]) -> str:
+    """'reason (N: name, name, …)' per distinct reason."""
+    groups: dict[str, list[str]] = {}
+    for name, why in refused.items():
+        groups.setdefault(why, []).append(name)
+    return "; ".join(
+        f"{why} ({len(names)}: {', '.join(names[:2])}{', …' if len(names) > 2 else ''})" for why, names in groups.items()
+    )
+
+
+def _verify(adapter: Adapter, modules: list[AdapterModule], written: Path, result: ConvertResult, exact: bool) -> None:
+    out_source = open_source(written)
+    try:
+        out = decode(out_source, family=adapter.family)
+        report = compare_adapters(modules, out)
+    finally:
+        out_source.close()
+    result.max_abs_diff = report.max_abs_diff
+    result.identical_modules = report.identical
+    if report.missing:
+        raise ConversionError(result.output, f"verification failed: {len(report.missing)} module(s) missing from the output, e.g. {report.missing[0]}")
+    if exact and report.max_abs_diff > report.tolerance:
+        raise ConversionError(
+            result.output,
+            f"verification failed: ΔW differs by up to {report.max_abs_diff:.3g} (at {report.worst}); nothing was written",
+        )
