@@ -153,7 +153,7 @@ class CivitaiTestServer:
 
     def __enter__(self) -> CivitaiTestServer:
         for srv in (self.api, self.storage):
-            threading.Thread(target=srv.serve_forever, daemon=True).start()
+            threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
