@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from functools import cache
 
+from loratool.arch.clip import text_encoder_modules
 from loratool.arch.families import FAMILIES, FAMILY_CONFIGS, FamilyConfig
-from loratool.arch.generate import (
-    RawModule,
-    text_encoder_modules,
-    unet_modules,
-)
+from loratool.arch.raw import RawModule
 from loratool.arch.spec import ModuleSpec
+from loratool.arch.unet import unet_modules
 
 
 def flatten(prefix: str, path: str) -> str:
