@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from loratool.arch.families import TextEncoderConfig
 from loratool.arch.raw import RawModule
 
-# HF name inside encoder layer N -> (kind, OpenCLIP name inside resblocks.N, block, target)
+# (HF name inside layer N, kind, OpenCLIP name inside resblocks.N — "in_proj_weight:i" is
+# row block i of the fused q/k/v —, enclosing block class, target label)
 _LAYER_PARTS: tuple[tuple[str, str, str, str, str], ...] = (
     ("self_attn.q_proj", "linear", "attn.in_proj_weight:0", "CLIPAttention", "q_proj"),
     ("self_attn.k_proj", "linear", "attn.in_proj_weight:1", "CLIPAttention", "k_proj"),
