@@ -222,6 +222,8 @@ def _classify(
             alpha=alpha, source_name=g.module,
             dora_axis="out" if "peft-dora" in g.styles else None,
         )
+        if "alpha" in g.params:
+            module.extra["alpha_dtype"] = g.params["alpha"].dtype
         modules.append((g, module))
     return modules, unclassified
 
@@ -253,7 +255,10 @@ def _flat(g: _Group) -> str:
 def _module_shape(g: _Group, m: AdapterModule) -> ModuleShape:
 
     out_f, in_f = weight_io(m.network_type, {k: v.shape for k, v in m.params.items()})
-    return ModuleShape(g.component or "unknown", _flat(g), out_f, in_f)
+    down = m.params.get("lora_down")
+    mirrors_layer = down is not None and not (g.styles & {"kohya", "comfyui", "lycoris-dotted"})
+    conv = len(down.shape) == 4 if mirrors_layer and down is not None else None
+    return ModuleShape(g.component or "unknown", _flat(g), out_f, in_f, conv)
 
 
 def _resolve(adapter: Adapter, modules: list[tuple[_Group, AdapterModule]], family: str) -> None:

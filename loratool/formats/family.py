@@ -78,6 +78,7 @@ class ModuleShape:
     flat: str  # module path with dots as underscores, no kohya prefix
     out_features: int | None
     in_features: int | None
+    conv_layout: bool | None = None  # 4-D factors, in a format that mirrors the layer type
 
 
 @dataclass
@@ -128,12 +129,22 @@ def _unet_topology(mods: list[ModuleShape]) -> Iterable[tuple[frozenset[str], st
         yield frozenset({"sdxl-refiner"}), f"attention widths {sorted(widths)} (384/768/1536 levels)"
 
 
+def _proj_layout(mods: list[ModuleShape]) -> Iterable[tuple[frozenset[str], str]]:
+    """proj_in/proj_out are 1×1 convs only in SD1. Kohya files are excluded by the caller
+    (kohya trains SD2 with conv projections too, FORMATS §2.1)."""
+    layouts = {m.conv_layout for m in mods if m.flat.endswith(("proj_in", "proj_out")) and m.conv_layout is not None}
+    if layouts == {True}:
+        yield frozenset({"sd1"}), "proj_in/proj_out are 1x1 convs"
+    elif layouts == {False}:
+        yield frozenset({"sd2", "sdxl", "sdxl-refiner"}), "proj_in/proj_out are linear"
+
+
 def _dit_text_encoder(mods: list[ModuleShape]) -> Iterable[tuple[frozenset[str], str]]:
     if any(m.component == "text_encoder_3" for m in mods):
         yield frozenset({"sd3", "flux"}), "a T5 text encoder (lora_te3)"
 
 
-STRUCTURAL_SIGNALS: tuple[Signal, ...] = (_cross_attention, _text_encoders, _unet_topology, _dit_text_encoder)
+STRUCTURAL_SIGNALS: tuple[Signal, ...] = (_cross_attention, _text_encoders, _unet_topology, _proj_layout, _dit_text_encoder)
 
 
 def metadata_families(metadata: dict[str, str]) -> list[tuple[str, str]]:

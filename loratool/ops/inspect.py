@@ -102,7 +102,7 @@ def summarize(adapter: Adapter) -> InspectReport:
     ]
     types = {m.network_type for m in mods} | ({"dora"} if any(m.dora for m in mods) else set())
     targets = Counter(m.extra.get("target") or target_label(m.source_name) for m in mods)
-    dtypes = sorted({ref.dtype for m in mods for ref in m.params.values()})
+    dtypes = sorted({ref.dtype for m in mods for ref in m.params.values()} | {m.extra["alpha_dtype"] for m in mods if "alpha_dtype" in m.extra})
     return InspectReport(
         path=adapter.path, format=adapter.format, variant=adapter.variant, family=adapter.family,
         family_evidence=adapter.family_evidence, network_types=sorted(types),
