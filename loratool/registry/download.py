@@ -39,6 +39,7 @@ from loratool.registry.retry import RETRY_STATUSES
 from loratool.registry.sidecars import write_info, write_preview
 
 CHUNK = 1024 * 1024
+DEPTH = 4  # chunks in flight between the reader and the hash/write workers
 REFUSED_TYPES = ("text/html", "application/json", "application/xhtml", "text/plain")
 NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
@@ -269,11 +270,12 @@ class _Download:
         return True
 
     def _stream(self, resp: requests.Response, fh: BinaryIO) -> None:
-        """Read the body; hash and write each chunk on a worker while the next one arrives."""
+        """Read the body; each chunk is hashed on one worker and written on another while the
+        next chunk arrives (at most ``DEPTH`` chunks in flight: bounded memory)."""
         fh.seek(self.offset)
-        pending: list[Future[None]] = []
+        pending: list[tuple[Future[None], Future[int]]] = []
         first = b"" if self.offset == 0 and self.check_header else None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratool-dl") as pool:
+        with ThreadPoolExecutor(1, "loratool-sha") as hash_pool, ThreadPoolExecutor(1, "loratool-io") as io_pool:
             try:
                 for chunk in resp.raw.stream(CHUNK, decode_content=False):
                     if first is not None:
@@ -282,23 +284,23 @@ class _Download:
                             continue
                         self._check_prefix(first)
                         chunk, first = first, None
-                    pending.append(pool.submit(self._write, fh, chunk))
-                    if len(pending) > 3:
-                        pending.pop(0).result()
+                    pending.append((hash_pool.submit(self.hasher.update, chunk), io_pool.submit(fh.write, chunk)))
+                    if len(pending) > DEPTH:
+                        self._settle(pending.pop(0))
                     self.offset += len(chunk)
                     self.transferred += len(chunk)
                     self.progress.advance(len(chunk))
                 if first is not None and first:
                     self._check_prefix(first)
             finally:
-                for fut in pending:
-                    self._disk(fut)
+                for pair in pending:
+                    self._settle(pair)
 
-    def _write(self, fh: BinaryIO, chunk: bytes) -> None:
-        self.hasher.update(chunk)
-        fh.write(chunk)
+    def _settle(self, pair: tuple[Future[None], Future[int]]) -> None:
+        pair[0].result()
+        self._disk(pair[1])
 
-    def _disk(self, fut: Future[None]) -> None:
+    def _disk(self, fut: Future[int]) -> None:
         try:
             fut.result()
         except OSError as exc:
