@@ -122,6 +122,7 @@ class Version:
     fmt: str = "SafeTensor"
     extra_files: list[dict[str, Any]] = field(default_factory=list)
     scan: str = "Success"
+    list_name: bool = True  # False: files[].name is empty; only Content-Disposition names it
 
 
 @dataclass
@@ -190,7 +191,8 @@ class CivitaiTestServer:
         size = v.path.stat().st_size
         hashes = file_hashes(v.path) if v.hashes is None else v.hashes
         primary = {
-            "id": vid * 10, "sizeKB": size / 1024, "name": v.file_name or v.path.name, "type": "Model",
+            "id": vid * 10, "sizeKB": size / 1024, "name": (v.file_name or v.path.name) if v.list_name else "",
+            "type": "Model",
             "pickleScanResult": v.scan, "pickleScanMessage": "No Pickle imports", "virusScanResult": v.scan,
             "virusScanMessage": None, "scannedAt": "2026-01-02T03:04:05.000Z",
             "metadata": {"format": v.fmt, "size": "pruned", "fp": "fp16"},
@@ -437,7 +439,8 @@ def _file(h: Any, reg: CivitaiTestServer, vid: str) -> None:
     h.send_header("Content-Type", "application/octet-stream")
     h.send_header("Content-Length", str(size - start))
     h.send_header("Accept-Ranges", "bytes")
-    h.send_header("Content-Disposition", f'attachment; filename="{v.file_name or v.path.name}"')
+    raw_name = (v.file_name or v.path.name).encode("utf-8").decode("latin-1")  # raw UTF-8, as Civitai sends
+    h.send_header("Content-Disposition", f'attachment; filename="{raw_name}"')
     if start:
         h.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
     h.end_headers()

@@ -11,7 +11,13 @@ from loratool.errors import RegistryError, UsageError
 from loratool.io.hashing import compute_hashes
 from loratool.registry import RegistryClient, RetryPolicy, lookup_files
 from loratool.registry import config as cfg
-from loratool.registry.files import FileChoice, parse_target, sanitize_filename, select_file
+from loratool.registry.files import (
+    FileChoice,
+    filename_from_disposition,
+    parse_target,
+    sanitize_filename,
+    select_file,
+)
 from loratool.registry.retry import parse_retry_after
 from tests.civitai_server import TOKEN, CivitaiTestServer, Version, write_safetensors
 
@@ -189,3 +195,13 @@ def test_sanitize_filename(raw: str, safe: str) -> None:
 def test_sanitize_filename_refuses(raw: str) -> None:
     with pytest.raises(RegistryError):
         sanitize_filename(raw)
+
+
+@pytest.mark.parametrize(("header", "name"), [
+    ('attachment; filename="plain.safetensors"', "plain.safetensors"),
+    ("attachment; filename*=UTF-8''na%C3%AFve%20v2.safetensors; filename=\"x\"", "naïve v2.safetensors"),
+    ('attachment; filename="caf\xc3\xa9.safetensors"', "café.safetensors"),  # UTF-8 read as Latin-1
+    ("inline", None),
+])
+def test_filename_from_disposition(header: str, name: str | None) -> None:
+    assert filename_from_disposition(header) == name

@@ -279,3 +279,19 @@ def test_preview_sidecar(reg: CivitaiTestServer, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "lora_1.preview.png").read_bytes() == tiny_png()
     assert len(res.sidecars) == 2
     assert listing(tmp_path / "out") == ["lora_1.civitai.info", "lora_1.preview.png", "lora_1.safetensors"]
+
+
+def test_content_disposition_names_the_file_when_the_api_does_not(reg: CivitaiTestServer, tmp_path: Path) -> None:
+    src = add(reg, tmp_path, file_name="../Ünïcode ✓.safetensors", list_name=False)
+    res = fetch(reg, tmp_path / "out")
+    assert res.path.name == "Ünïcode ✓.safetensors"
+    assert (tmp_path / "out" / "Ünïcode ✓.safetensors").read_bytes() == src.read_bytes()
+
+
+def test_user_agent_is_descriptive_not_a_browser(reg: CivitaiTestServer, tmp_path: Path) -> None:
+    add(reg, tmp_path)
+    fetch(reg, tmp_path / "out", preview=True)
+    agents = {r.headers.get("User-Agent", "") for r in reg.records}
+    assert agents and all(a.startswith("loratool/") for a in agents)
+    assert not any(word in a.lower() for a in agents for word in ("mozilla", "chrome", "safari", "firefox",
+                                                                   "opera", "edge"))

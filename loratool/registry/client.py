@@ -23,7 +23,7 @@ from loratool.registry.retry import RETRY_STATUSES, RetryPolicy
 
 log = logging.getLogger("loratool.registry")
 
-USER_AGENT = f"loratool/{__version__} (+https://github.com/loratool; python-requests)"
+USER_AGENT = f"loratool/{__version__} (Civitai-compatible registry client)"
 BATCH_LIMIT = 100  # POST /model-versions/by-hash takes at most 100 hashes
 MAX_REDIRECTS = 5
 

@@ -29,6 +29,7 @@ from loratool.io.safetensors import is_safetensors_prefix
 from loratool.registry.client import USER_AGENT, RegistryClient, http_error
 from loratool.registry.files import (
     FileChoice,
+    filename_from_disposition,
     inside,
     is_pickle,
     sanitize_filename,
@@ -100,7 +101,7 @@ def fetch_version(client: RegistryClient, version: dict[str, Any], dest: Path,
                   opts: FetchOptions, progress: Progress | None = None) -> FetchResult:
     """Download the chosen file of ``version`` into ``dest`` and write its sidecars."""
     file = select_file(version, opts.choice)
-    name = sanitize_filename(str(file.get("name", "")))
+    name = sanitize_filename(str(file.get("name") or _disposition_name(client, version, file)))
     if is_pickle(file) and not opts.allow_pickle:
         raise RegistryError(name, "pickle format can run code when loaded; refusing without --allow-pickle")
     dest.mkdir(parents=True, exist_ok=True)
@@ -119,6 +120,20 @@ def fetch_version(client: RegistryClient, version: dict[str, Any], dest: Path,
         if warning:
             result.warnings.append(warning)
     return result
+
+
+def _disposition_name(client: RegistryClient, version: dict[str, Any], file: dict[str, Any]) -> str:
+    """When the API lists no file name: the storage response's Content-Disposition name."""
+    url = client.download_location(int(version["id"]), _file_params(file))
+    with _storage_session().get(url, stream=True, timeout=client.timeouts.pair()) as resp:
+        name = filename_from_disposition(resp.headers.get("Content-Disposition"))
+    if not name:
+        raise RegistryError(f"version {version.get('id')}", "registry gives no file name for this file")
+    return name
+
+
+def _file_params(file: dict[str, Any]) -> dict[str, Any] | None:
+    return {"fileId": file["id"]} if file.get("id") is not None else None
 
 
 def _existing(final: Path, expected: str | None, force: bool, vid: int, name: str) -> FetchResult | None:
@@ -226,8 +241,7 @@ class _Download:
 
     def _attempt(self, fh: BinaryIO) -> bool:
         """One request for the remaining bytes; True when the file is complete."""
-        params = {"fileId": self.file["id"]} if self.file.get("id") is not None else None
-        url = self.client.download_location(int(self.version["id"]), params)
+        url = self.client.download_location(int(self.version["id"]), _file_params(self.file))
         headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
         if self.client.is_own(url) and self.client.token:
             headers["Authorization"] = f"Bearer {self.client.token}"

@@ -7,7 +7,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from loratool.errors import RegistryError, UsageError
 
@@ -43,6 +43,27 @@ def sanitize_filename(raw: str) -> str:
     if not name.lower().endswith(MODEL_EXTENSIONS):
         raise RegistryError(raw, f"unexpected file extension (expected one of {', '.join(MODEL_EXTENSIONS)})")
     return name
+
+
+def filename_from_disposition(value: str | None) -> str | None:
+    """The file name in a Content-Disposition header (RFC 6266), before sanitising.
+
+    ``filename*=UTF-8''…`` wins; a plain quoted ``filename=`` that arrived as UTF-8 bytes
+    decoded as Latin-1 (Civitai sends raw UTF-8) is re-decoded.
+    """
+    if not value:
+        return None
+    star = re.search(r"filename\*\s*=\s*([\w-]+)'[^']*'([^;]+)", value, re.IGNORECASE)
+    if star:
+        return unquote(star.group(2).strip().strip('"'), encoding=star.group(1) or "utf-8", errors="replace")
+    plain = re.search(r'filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;]+))', value, re.IGNORECASE)
+    if not plain:
+        return None
+    name = plain.group(1) if plain.group(1) is not None else plain.group(2).strip()
+    try:
+        return name.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return name
 
 
 def inside(dest_dir: Path, name: str) -> Path:
