@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent / "_data"
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "bench" / "_data"
 
 
 def scratch() -> Path:

@@ -180,16 +180,21 @@ def _print_version(con: Console, v: dict[str, Any], title: bool = True) -> None:
         con.print(f"[bold]{model.get('name', '?')}[/bold] — version {v.get('name')} (id {v.get('id')}, "
                   f"model {v.get('modelId')}, {v.get('baseModel')})")
     table = Table(title=f"files of version {v.get('id')}")
-    for col in ("Name", "Type", "Format", "fp", "Size", "SHA256", "AutoV3", "Scan", "Primary"):
-        table.add_column(col, overflow="fold")
-    for f in v.get("files") or []:
+    for col, wrap in (("Name", True), ("Type", True), ("Format", False), ("fp", False), ("Size", False),
+                      ("AutoV2", False), ("AutoV3", False), ("Scan", False)):
+        table.add_column(col, overflow="fold", no_wrap=not wrap, min_width=12 if col == "Name" else None)
+    files = v.get("files") or []
+    for f in files:
         meta, hashes = f.get("metadata") or {}, f.get("hashes") or {}
         kb = f.get("sizeKB")
-        table.add_row(str(f.get("name")), str(f.get("type")), str(meta.get("format", "")),
+        kind = f"{f.get('type')}{' (primary)' if f.get('primary') else ''}"
+        table.add_row(str(f.get("name")), kind, str(meta.get("format", "")),
                       str(meta.get("fp", "")), human_size(kb * 1024 if kb is not None else None),
-                      str(hashes.get("SHA256", "—")), str(hashes.get("AutoV3", "—")),
-                      str(f.get("pickleScanResult", "?")), "yes" if f.get("primary") else "")
+                      str(hashes.get("AutoV2", "—")), str(hashes.get("AutoV3", "—")),
+                      str(f.get("pickleScanResult", "?")))
     con.print(table)
+    for f in files:
+        con.print(f"SHA256 {(f.get('hashes') or {}).get('SHA256', '— (not listed)')}  {f.get('name')}")
     words = v.get("trainedWords") or []
     con.print(f"trained words: {', '.join(map(str, words)) if words else '—'}")
 
@@ -218,15 +223,16 @@ def lookup_cmd(files: tuple[Path, ...], as_json: bool, quiet: bool, registry: st
         emit_json([r.as_dict() for r in results])
     else:
         table = Table(title="registry look-up")
-        for col in ("File", "AutoV2", "AutoV3", "Model", "Version", "Base model", "IDs", "Matched by"):
-            table.add_column(col, overflow="fold")
+        for col, wrap in (("File", True), ("Model", True), ("Version", True), ("Base model", True),
+                          ("IDs", False), ("Matched by", False), ("AutoV3", False)):
+            table.add_column(col, overflow="fold", no_wrap=not wrap, min_width=14 if col == "File" else None)
         for r in results:
             d = r.as_dict()
             h = d["hashes"] or {}
             ids = f"{d['model_id']}@{d['version_id']}" if r.found else "—"
-            table.add_row(r.path.name, str(h.get("autov2") or "—"), str(h.get("autov3") or "—"),
-                          str(d["model_name"] or ("not found" if not r.error else "error")),
-                          str(d["version_name"] or ""), str(d["base_model"] or ""), ids, str(d["matched_by"] or ""))
+            table.add_row(str(r.path), str(d["model_name"] or ("not found" if not r.error else "error")),
+                          str(d["version_name"] or ""), str(d["base_model"] or ""), ids,
+                          str(d["matched_by"] or ""), str(h.get("autov3") or "—"))
         out_console().print(table)
     if failed:
         sys.exit(1)

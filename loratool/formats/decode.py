@@ -16,7 +16,7 @@ from typing import Any
 from loratool import arch
 from loratool.errors import NotAnAdapterError, UsageError
 from loratool.formats.family import ALL_FAMILIES, ModuleShape, detect_family
-from loratool.formats.keys import KOHYA_PREFIXES, ParsedKey, parse_dotted, parse_kohya
+from loratool.formats.keys import ParsedKey, kohya_prefix, parse_dotted, parse_kohya
 from loratool.formats.peft_config import configs_from_diffusers_metadata, kohya_alpha
 from loratool.formats.weight_shape import weight_io
 from loratool.io.sources import Part, TensorSource
@@ -164,9 +164,7 @@ def _variant(fmt: str, groups: dict[Any, _Group], metadata: dict[str, str]) -> s
         sgm = any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", n) for n in unet)
         diff = any(re.match(r"lora_unet_(down_blocks|mid_block|up_blocks)_", n) for n in unet)
         parts.append({(True, True): "mixed-names", (True, False): "sgm-names", (False, True): "diffusers-names"}.get((sgm, diff), ""))
-        prefixes = sorted({p for p in KOHYA_PREFIXES for g in groups.values() if g.module.startswith(p + "_") and not any(
-            g.module.startswith(q + "_") and len(q) > len(p) for q in KOHYA_PREFIXES)})
-        parts.append("+".join(prefixes))
+        parts.append("+".join(sorted({kohya_prefix(g.module) for g in groups.values() if "kohya" in g.styles})))
         if "lycoris" in metadata.get("ss_network_module", "") or params & {"hada_w1_a", "lokr_w1", "lokr_w1_a", "dora_scale"}:
             parts.append("lycoris")
     elif fmt in ("diffusers", "comfyui", "peft"):
@@ -243,8 +241,7 @@ def _alpha(g: _Group, configs: dict[str | None, dict[str, Any]], ntype: str, ran
 def _flat(g: _Group) -> str:
     name = g.module
     if g.styles == {"kohya"}:
-        prefix = next(p for p in sorted(KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p + "_"))
-        return name[len(prefix) + 1 :]
+        return name[len(kohya_prefix(name)) + 1 :]
     for prefix in COMFY_PREFIXES:
         if name.startswith(prefix):
             name = name[len(prefix) :]

@@ -69,6 +69,12 @@ def parse_kohya(key: str) -> ParsedKey | None:
     return ParsedKey(KOHYA_PREFIXES[m.group(1)], name, param, "kohya")
 
 
+def kohya_prefix(lora_name: str) -> str:
+    """The kohya prefix of a flattened module name (``lora_te1`` of ``lora_te1_text_model…``)."""
+    m = _KOHYA_RE.match(lora_name)
+    return m.group(1) if m else ""
+
+
 def _canonical_param(rest: str) -> str | None:
     if rest in _PARAM_SET:
         return rest

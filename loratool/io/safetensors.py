@@ -132,36 +132,30 @@ def _check_metadata(path: str | os.PathLike[str], meta: Any) -> dict[str, str]:
     return dict(meta)
 
 
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
 def _check_entry(path: str | os.PathLike[str], name: str, entry: Any, data_start: int) -> TensorInfo:
-    if not isinstance(entry, dict):
+    if type(entry) is not dict:
         raise _fail(path, f"tensor {name!r}: entry is not an object")
     dtype = entry.get("dtype")
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+    size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
+    if size is None:
         raise _fail(path, f"tensor {name!r}: unknown dtype {dtype!r}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
+    if type(shape) is not list or not all(map(_is_count, shape)):
         raise _fail(path, f"tensor {name!r}: shape must be a list of non-negative integers")
     offsets = entry.get("data_offsets")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
+    if type(offsets) is not list or len(offsets) != 2 or not all(map(_is_count, offsets)) or offsets[0] > offsets[1]:
         raise _fail(path, f"tensor {name!r}: data_offsets must be two ordered non-negative integers")
     numel = 1
     for d in shape:
         numel *= d
-    expected = numel * DTYPE_SIZES[dtype]
-    if offsets[1] - offsets[0] != expected:
-        raise _fail(
-            path,
-            f"tensor {name!r}: data_offsets span {offsets[1] - offsets[0]} bytes, "
-            f"but {dtype}{shape} needs {expected}",
-        )
-    return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    begin, end = offsets
+    if end - begin != numel * size:
+        raise _fail(path, f"tensor {name!r}: data_offsets span {end - begin} bytes, but {dtype}{shape} needs {numel * size}")
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 def _check_layout(path: str | os.PathLike[str], tensors: dict[str, TensorInfo]) -> None:

@@ -50,7 +50,7 @@ def st_dtype(t: torch.Tensor) -> str:
     return next(k for k, v in TORCH_DTYPES.items() if v == name)
 
 
-def _header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
+def header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for t in tensors:
@@ -111,7 +111,7 @@ def write_safetensors(
     meta = dict(metadata or {})
     if hash_key:
         meta[hash_key] = HASH_PLACEHOLDER
-    header = _header_bytes(tensors, meta)
+    header = header_bytes(tensors, meta)
     digest = hashlib.sha256()
     with open(path, "wb+") as fh:
         fh.write(len(header).to_bytes(8, "little"))
