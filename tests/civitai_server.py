@@ -204,7 +204,7 @@ class CivitaiTestServer:
             "baseModelType": "Standard", "air": f"urn:air:sdxl:lora:civitai:{v.model_id}@{vid}",
             "status": "Published", "availability": "Public", "nsfwLevel": 1,
             "createdAt": "2026-01-01T00:00:00.000Z", "updatedAt": "2026-01-02T00:00:00.000Z",
-            "publishedAt": "2026-01-02T00:00:00.000Z", "trainedWords": [f"{model['name'].lower()} style"],
+            "publishedAt": "2026-01-02T00:00:00.000Z", "trainedWords": [f"{model['name'].split()[0].lower()}_style"],
             "description": "<p>first release</p>", "uploadType": "Created", "usageControl": "Download",
             "stats": {"downloadCount": 10, "thumbsUpCount": 5, "thumbsDownCount": 0},
             "files": [primary, *v.extra_files],
