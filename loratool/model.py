@@ -28,12 +28,12 @@ class TensorRef:
     dtype: str
     shape: tuple[int, ...]
     loader: Callable[[str], torch.Tensor] = field(repr=False, compare=False, hash=False)
-    raw_loader: Callable[[str], bytearray] | None = field(default=None, repr=False, compare=False, hash=False)
+    raw_loader: Callable[[str], bytes] | None = field(default=None, repr=False, compare=False, hash=False)
 
     def load(self) -> torch.Tensor:
         return self.loader(self.key)
 
-    def raw(self) -> bytearray | None:
+    def raw(self) -> bytes | None:
         """The stored bytes (little-endian, ``dtype``), or None if the source has no such view."""
         return self.raw_loader(self.key) if self.raw_loader else None
 

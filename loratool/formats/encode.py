@@ -99,10 +99,10 @@ def _cast(ref: TensorRef, dtype: str | None) -> str:
 
 def _producer(
     ref: TensorRef, shape: tuple[int, ...], dtype: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-) -> Callable[[], torch.Tensor | bytearray]:
+) -> Callable[[], torch.Tensor | bytes]:
     """Stored bytes as they are when nothing changes (no torch needed), else a tensor."""
 
-    def produce() -> torch.Tensor | bytearray:
+    def produce() -> torch.Tensor | bytes:
         if fn is None and dtype == ref.dtype:
             raw = ref.raw()
             if raw is not None:

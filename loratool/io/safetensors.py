@@ -230,18 +230,13 @@ class SafetensorsFile:
             self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
-    def read_bytes(self, name: str) -> bytearray:
+    def read_bytes(self, name: str) -> bytes:
         """The tensor's raw little-endian bytes, exactly as stored."""
         info = self.header.tensors[name]
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(self._handle(), [view[done:]], info.start + done)
-            if n == 0:
-                raise InputError(self.path, f"truncated while reading tensor {name!r}")
-            done += n
-        return buf
+        data = os.pread(self._handle(), info.nbytes, info.start)
+        if len(data) < info.nbytes:  # regular files return short reads only at EOF
+            raise InputError(self.path, f"truncated while reading tensor {name!r}")
+        return data
 
     def scalar(self, name: str) -> float:
         """First element of a small tensor as float (alpha values), without torch."""
@@ -252,14 +247,20 @@ class SafetensorsFile:
         return decode_scalar(raw, info.dtype)
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor as a torch tensor (owning its memory; safe to modify)."""
+        """The tensor as a torch tensor that owns its memory (read straight into it)."""
         import torch
 
         info = self.header.tensors[name]
-        dtype = getattr(torch, TORCH_DTYPES[info.dtype])
-        if info.numel == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(self.read_bytes(name), dtype=dtype, count=info.numel).view(info.shape)
+        tensor = torch.empty(info.shape, dtype=getattr(torch, TORCH_DTYPES[info.dtype]))
+        if info.numel:
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < info.nbytes:
+                n = os.preadv(self._handle(), [view[done:]], info.start + done)
+                if n == 0:
+                    raise InputError(self.path, f"truncated while reading tensor {name!r}")
+                done += n
+        return tensor
 
     def close(self) -> None:
         if self._fd is not None:

@@ -52,7 +52,7 @@ class Part:
     get: Callable[[str], torch.Tensor] = field(repr=False)
     scalar: Callable[[str], float] = field(repr=False)
     close: Callable[[], None] = field(repr=False, default=lambda: None)
-    raw: Callable[[str], bytearray] | None = field(repr=False, default=None)  # bytes as stored
+    raw: Callable[[str], bytes] | None = field(repr=False, default=None)  # bytes as stored
 
 
 @dataclass

@@ -23,7 +23,7 @@ from loratool.formats.encode import (
     writes_directory,
 )
 from loratool.io.sources import open_source
-from loratool.io.writer import atomic_path, write_json, write_safetensors
+from loratool.io.writer import atomic_path, start_sync, write_json, write_safetensors
 from loratool.model import Adapter, AdapterModule
 from loratool.ops.verify import compare_adapters
 
@@ -79,8 +79,12 @@ def convert(
                 if f.config is not None:
                     write_json(dest.parent / "adapter_config.json", f.config)
                 result.files.append(str(out / f.relpath) if f.relpath else str(out))
-            if verify:
-                _verify(adapter, modules, tmp, result, exact=dtype is None)
+            syncing = start_sync(tmp)  # flush to disk while the output is re-read
+            try:
+                if verify:
+                    _verify(adapter, modules, tmp, result, exact=dtype is None)
+            finally:
+                syncing.join()
     finally:
         source.close()
     return result
