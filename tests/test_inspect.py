@@ -201,3 +201,31 @@ def test_pt_file_through_weights_only(tmp_path: Path) -> None:
     tensors = load_file(str(FIXTURES / "sd15_kohya_lora.safetensors"))
     torch.save(tensors, tmp_path / "lora.pt")
     assert inspect(tmp_path / "lora.pt").modules == inspect(FIXTURES / "sd15_kohya_lora.safetensors").modules
+
+
+def test_comfyui_dotted_ldm_names(tmp_path: Path) -> None:
+    """ComfyUI's generic format (diffusion_model.<LDM path>, text_encoders.clip_l…) reads
+    as the same modules, and converts back to the kohya file it came from."""
+    from loratool import arch
+
+    catalog = arch.get_catalog("sd1")
+    kohya = load_file(str(FIXTURES / "sd15_kohya_lora.safetensors"))
+    comfy = {}
+    for key, tensor in kohya.items():
+        name, _, param = key.partition(".")
+        if param == "alpha":
+            continue  # ComfyUI's extractor writes none: alpha = rank
+        spec = catalog.resolve_kohya(name)
+        module = spec.ldm_key.removeprefix("model.").removesuffix(".weight") if spec.component == "unet" else f"text_encoders.clip_l.transformer.{spec.path}"
+        comfy[f"{module}.{param}"] = tensor
+    path = tmp_path / "comfy.safetensors"
+    save_file(comfy, str(path))
+    r = inspect(path)
+    assert (r.format, r.family, r.modules) == ("comfyui", "sd1", inspect(FIXTURES / "sd15_kohya_lora.safetensors").modules)
+    assert not r.unknown_keys and r.alpha["min"] == r.rank["min"]
+    out = tmp_path / "back.safetensors"
+    assert run_cli("convert", str(path), "--to", "kohya", "-o", str(out)).returncode == 0
+    back = load_file(str(out))
+    for key, tensor in kohya.items():
+        if not key.endswith(".alpha"):
+            assert torch.equal(back[key], tensor), key
