@@ -74,6 +74,7 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
         tmp = Path(name)
     try:
         yield tmp
+        _default_mode(tmp)
         sync_tree(tmp)
         if directory:
             _replace_dir(tmp, final)
@@ -82,6 +83,32 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(path: Path) -> None:
+    """Give a temp file/folder the mode a plain open()/mkdir() would (mkstemp makes 0600)."""
+    mask = _umask()
+    if path.is_dir():
+        for child in [path, *path.rglob("*")]:
+            os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
+    """Write a small file atomically (temp beside it, fsync, rename); ``mode`` overrides."""
+    final = Path(path)
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+    if mode is not None:
+        os.chmod(final, mode)
+    return final
 
 
 def sync_tree(path: Path) -> None:
