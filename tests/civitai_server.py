@@ -393,6 +393,14 @@ def _download(h: Any, reg: CivitaiTestServer, vid: str) -> None:
     h.end_headers()
 
 
+def _moved(h: Any, reg: CivitaiTestServer, mid: str) -> None:
+    """An API answer that redirects to another host (which must not get the token)."""
+    h.send_response(302)
+    h.send_header("Location", f"{reg.storage_url}/api/v1/models/{mid}")
+    h.send_header("Content-Length", "0")
+    h.end_headers()
+
+
 def _login(h: Any, reg: CivitaiTestServer) -> None:
     h.send_bytes(200, LOGIN_HTML, "text/html; charset=utf-8")
 
@@ -405,6 +413,7 @@ API_ROUTES = {
     ("POST", r"/api/v1/model-versions/by-hash"): _by_hash_batch,
     ("GET", r"/api/download/models/(\d+)"): _download,
     ("GET", r"/login"): _login,
+    ("GET", r"/api/v1/moved/(\d+)"): _moved,
 }
 
 
@@ -470,6 +479,7 @@ def _image(h: Any, reg: CivitaiTestServer, vid: str) -> None:
 
 
 STORAGE_ROUTES = {
+    ("GET", r"/api/v1/models/(\d+)"): _model,  # the target of /api/v1/moved/<id>
     ("GET", r"/files/(\d+)"): _file,
     ("GET", r"/images/(\d+)\.png"): _image,
 }

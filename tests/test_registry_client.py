@@ -81,6 +81,14 @@ def test_errors_map_to_one_line_and_5xx_are_bounded(reg: CivitaiTestServer) -> N
         dead.model(1)
 
 
+def test_api_redirect_to_another_host_drops_the_token(reg: CivitaiTestServer) -> None:
+    assert client(reg).get_json("moved/3")["id"] == 3
+    (api,) = [r for r in reg.seen("api") if r.target == "/api/v1/moved/3"]
+    (other,) = reg.seen("storage")
+    assert api.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert "Authorization" not in other.headers and other.target == "/api/v1/models/3"
+
+
 def test_token_header_only_on_own_origin() -> None:
     c = RegistryClient("https://civitai.com", "secret")
     assert c._headers("https://civitai.com/api/v1/models") == {"Authorization": "Bearer secret"}

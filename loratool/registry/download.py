@@ -43,6 +43,7 @@ CHUNK = 1024 * 1024
 DEPTH = 4  # chunks in flight between the reader and the hash/write workers
 WRITEBACK = 32 * 1024 * 1024
 REFUSED_TYPES = ("text/html", "application/json", "application/xhtml", "text/plain")
+WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".zip")
 NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
@@ -269,7 +270,7 @@ class _Download:
         if status not in (200, 206):
             raise http_error(self.final.name, resp)
         ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if ctype.startswith(REFUSED_TYPES):
+        if ctype.startswith(REFUSED_TYPES) and self.final.name.lower().endswith(WEIGHT_EXTENSIONS):
             raise RegistryError(self.final, f"server sent {ctype} instead of the model "
                                             "(a login or error page?); nothing saved")
         if status == 200:
