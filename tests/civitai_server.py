@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import random
 import re
 import socket
 import struct
@@ -41,8 +42,6 @@ def write_safetensors(path: Path, n_values: int, seed: int = 0, metadata: dict[s
                                             "data_offsets": [nbytes, 2 * nbytes]}
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    import random
-
     rng = random.Random(seed)
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)

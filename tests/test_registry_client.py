@@ -14,11 +14,11 @@ from loratool.registry import config as cfg
 from loratool.registry.files import (
     FileChoice,
     filename_from_disposition,
-    parse_target,
     sanitize_filename,
     select_file,
 )
 from loratool.registry.retry import parse_retry_after
+from loratool.registry.targets import parse_target
 from tests.civitai_server import TOKEN, CivitaiTestServer, Version, write_safetensors
 
 FAST = RetryPolicy(attempts=2, base=0.01, cap=0.02)

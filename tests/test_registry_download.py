@@ -19,7 +19,7 @@ from loratool.registry import (
     fetch_version,
     resolve_version,
 )
-from loratool.registry.files import Target
+from loratool.registry.targets import Target
 from tests.civitai_server import (
     TOKEN,
     CivitaiTestServer,

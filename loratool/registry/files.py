@@ -1,4 +1,4 @@
-"""Choosing the right file of a version, safe local names, and parsing model URLs."""
+"""Choosing the right file of a version, and safe local names for it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
-from loratool.errors import RegistryError, UsageError
+from loratool.errors import RegistryError
 
 MAX_NAME_BYTES = 240  # leaves room for ".part" / ".civitai.info" under a 255-byte limit
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin",
@@ -122,47 +122,3 @@ def _describe(f: dict[str, Any]) -> str:
     meta = f.get("metadata") or {}
     extra = "/".join(str(meta[k]) for k in ("format", "fp", "size") if meta.get(k))
     return f"{f.get('name')} [{f.get('type')}{', ' + extra if extra else ''}]"
-
-
-@dataclass(frozen=True)
-class Target:
-    """What the user pointed at: a model, or one version of it."""
-
-    model_id: int | None = None
-    version_id: int | None = None
-    origin: str | None = None  # scheme://host of a URL the user gave
-
-
-# URL path pattern -> which id it names.
-_URL_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^/api/download/models/(\d+)/?$"), "version"),
-    (re.compile(r"^/api/v1/model-versions/(\d+)/?$"), "version"),
-    (re.compile(r"^/api/v1/models/(\d+)/?$"), "model"),
-    (re.compile(r"^/models/(\d+)(?:/[^/]*)?/?$"), "model"),
-)
-
-
-def parse_target(ref: str | None, version: int | None) -> Target:
-    """``MODEL_ID``, ``--version ID`` or a model page / download URL → :class:`Target`."""
-    if version is not None:
-        if ref:
-            raise UsageError(ref, "give either MODEL_ID/URL or --version, not both")
-        return Target(version_id=version)
-    if not ref:
-        raise UsageError(None, "give a MODEL_ID, a model URL or --version ID")
-    if ref.isdigit():
-        return Target(model_id=int(ref))
-    parts = urlsplit(ref)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(ref, "not a model id or a registry URL")
-    site = f"{parts.scheme}://{parts.netloc}"
-    for pattern, kind in _URL_PATTERNS:
-        m = pattern.match(parts.path)
-        if not m:
-            continue
-        if kind == "version":
-            return Target(version_id=int(m.group(1)), origin=site)
-        vid = parse_qs(parts.query).get("modelVersionId", [None])[0]
-        return Target(model_id=int(m.group(1)),
-                      version_id=int(vid) if vid and vid.isdigit() else None, origin=site)
-    raise UsageError(ref, "not a model page (/models/<id>) or download link (/api/download/models/<id>)")
