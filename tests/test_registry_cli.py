@@ -76,6 +76,13 @@ def test_lookup_json(env: dict[str, str], tmp_path: Path) -> None:
     assert set(row["hashes"]) == {"sha256", "autov1", "autov2", "autov3"}
 
 
+def test_lookup_bad_file_does_not_stop_the_others(env: dict[str, str], tmp_path: Path) -> None:
+    p = run("lookup", str(tmp_path / "nope.safetensors"), str(tmp_path / "pixel.safetensors"), "--json", env=env)
+    rows = json.loads(p.stdout)
+    assert p.returncode == 1 and p.stderr.strip() == f"error: {tmp_path / 'nope.safetensors'}: no such file"
+    assert [r["found"] for r in rows] == [False, True] and rows[1]["model_id"] == 102
+
+
 def test_fetch_by_model_url_writes_file_and_sidecars(env: dict[str, str], reg: CivitaiTestServer, tmp_path: Path) -> None:
     out = tmp_path / "loras"
     code, text = invoke("fetch", f"{reg.url}/models/101", "-o", str(out), "--preview", "--json")
