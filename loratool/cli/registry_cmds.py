@@ -12,19 +12,9 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from loratool.errors import UsageError
 from loratool.registry import (
@@ -41,6 +31,11 @@ from loratool.registry import (
     resolve_version,
 )
 from loratool.registry import config as cfg
+
+if TYPE_CHECKING:  # rich loads only when something is rendered (fast `fetch --quiet`)
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
 
 SORTS = ("Highest Rated", "Most Downloaded", "Most Liked", "Most Discussed", "Most Collected",
          "Most Images", "Newest", "Oldest")
@@ -71,11 +66,21 @@ def _debug_logging() -> None:
 
 
 def err_console() -> Console:
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False)
 
 
 def out_console() -> Console:
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=False)
+
+
+def new_table(title: str) -> Table:
+    from rich.table import Table
+
+    return Table(title=title)
 
 
 def warn(path: Any, message: str) -> None:
@@ -120,7 +125,7 @@ def search_cmd(query: str, types: tuple[str, ...], base_models: tuple[str, ...],
     if as_json:
         emit_json(items)
         return
-    table = Table(title=f"{len(items)} result(s) for {query!r}")
+    table = new_table(f"{len(items)} result(s) for {query!r}")
     for col, just in (("ID", "right"), ("Name", "left"), ("Type", "left"), ("Base model", "left"),
                       ("Creator", "left"), ("Downloads", "right"), ("Latest version", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -162,7 +167,7 @@ def info_cmd(ref: str | None, version_id: int | None, as_json: bool, registry: s
     if model.get("tags"):
         con.print(f"tags: {', '.join(map(str, model['tags']))}")
     versions = model.get("modelVersions") or []
-    table = Table(title="versions")
+    table = new_table("versions")
     for col in ("ID", "Name", "Base model", "Published", "Files"):
         table.add_column(col)
     for v in versions:
@@ -179,7 +184,7 @@ def _print_version(con: Console, v: dict[str, Any], title: bool = True) -> None:
         model = v.get("model") or {}
         con.print(f"[bold]{model.get('name', '?')}[/bold] — version {v.get('name')} (id {v.get('id')}, "
                   f"model {v.get('modelId')}, {v.get('baseModel')})")
-    table = Table(title=f"files of version {v.get('id')}")
+    table = new_table(f"files of version {v.get('id')}")
     for col, wrap in (("Name", True), ("Type", True), ("Format", False), ("fp", False), ("Size", False),
                       ("AutoV2", False), ("AutoV3", False), ("Scan", False)):
         table.add_column(col, overflow="fold", no_wrap=not wrap, min_width=12 if col == "Name" else None)
@@ -222,7 +227,7 @@ def lookup_cmd(files: tuple[Path, ...], as_json: bool, quiet: bool, registry: st
     if as_json:
         emit_json([r.as_dict() for r in results])
     else:
-        table = Table(title="registry look-up")
+        table = new_table("registry look-up")
         for col, wrap in (("File", True), ("Model", True), ("Version", True), ("Base model", True),
                           ("IDs", False), ("Matched by", False), ("AutoV3", False)):
             table.add_column(col, overflow="fold", no_wrap=not wrap, min_width=14 if col == "File" else None)
@@ -301,10 +306,19 @@ class _Bar:
 
 @contextmanager
 def _progress(quiet: bool) -> Iterator[_Bar]:
-    console = err_console()
-    if quiet or not console.is_terminal:
+    if quiet or not sys.stderr.isatty():
         yield _Bar(None)
         return
+    console = err_console()
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                         TransferSpeedColumn(), TimeRemainingColumn(), console=console,
                         transient=True)

@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from loratool.errors import UsageError
 
 DEFAULT_REGISTRY = "https://civitai.com"
@@ -58,6 +56,8 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
         return {}
     except OSError as exc:
         raise UsageError(path, f"cannot read config: {exc.strerror or exc}") from None
+    import yaml  # only when there is a config file to read
+
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -72,6 +72,8 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
 
 def save_config(data: dict[str, Any], path: Path | None = None) -> Path:
     """Write the config atomically, readable only by its owner (it may hold tokens)."""
+    import yaml
+
     path = path or config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".tmp")
