@@ -295,3 +295,28 @@ def test_user_agent_is_descriptive_not_a_browser(reg: CivitaiTestServer, tmp_pat
     assert agents and all(a.startswith("loratool/") for a in agents)
     assert not any(word in a.lower() for a in agents for word in ("mozilla", "chrome", "safari", "firefox",
                                                                    "opera", "edge"))
+
+
+def test_a_planted_part_symlink_is_not_followed(reg: CivitaiTestServer, tmp_path: Path) -> None:
+    add(reg, tmp_path)
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_bytes(b"precious")
+    (out / "lora_1.safetensors.part").symlink_to(victim)
+    with pytest.raises(RegistryError, match="cannot open the part file"):
+        fetch(reg, out)
+    assert victim.read_bytes() == b"precious" and not (out / "lora_1.safetensors").exists()
+
+
+def test_a_download_in_progress_is_not_disturbed(reg: CivitaiTestServer, tmp_path: Path) -> None:
+    import fcntl
+
+    add(reg, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    part = out / "lora_1.safetensors.part"
+    with open(part, "wb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # another process is downloading this file
+        with pytest.raises(RegistryError, match="in progress"):
+            fetch(reg, out)
+        assert part.exists() and not (out / "lora_1.safetensors").exists()

@@ -179,26 +179,30 @@ class _Download:
 
     def run(self) -> FetchResult:
         try:
-            return self._run()
-        except BaseException:
-            with contextlib.suppress(OSError):
-                if self.part.stat().st_size == 0:
-                    self.part.unlink()  # nothing worth resuming
-            raise
-
-    def _run(self) -> FetchResult:
-        fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise RegistryError(self.part, f"cannot open the part file: {exc.strerror or exc}") from None
         with os.fdopen(fd, "r+b") as fh:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RegistryError(self.part, "another download of this file is in progress") from None
-            self._load_part(fh)
-            self._attempts(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-            self._verify(fh)
-            os.replace(self.part, self.final)
+            try:
+                return self._run(fh)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    ours = os.fstat(fh.fileno())
+                    if ours.st_size == 0 and os.stat(self.part).st_ino == ours.st_ino:
+                        self.part.unlink()  # nothing worth resuming (and it is still our file)
+                raise
+
+    def _run(self, fh: BinaryIO) -> FetchResult:
+        self._load_part(fh)
+        self._attempts(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+        self._verify(fh)
+        os.replace(self.part, self.final)
         _fsync_dir(self.final.parent)
         return FetchResult(self.final, "downloaded", self.hasher.hexdigest().upper(), self.offset,
                            int(self.version["id"]), self.final.name, self.transferred, self.warnings)
