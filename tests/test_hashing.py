@@ -154,3 +154,18 @@ def test_file_hashes_is_frozen() -> None:
     h = FileHashes("A" * 64, None, "A" * 10, None, None)
     with pytest.raises(AttributeError):
         h.sha256 = "B"  # type: ignore[misc]
+
+
+def test_a_file_growing_while_hashed_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hashing, "CHUNK", 4096)
+    f = tmp_path / "growing.safetensors"
+    f.write_bytes(b"\0" * 40_000)
+
+    def append_once(n: int, appended: list[int] = []) -> None:  # noqa: B006 - a call counter
+        if not appended:
+            appended.append(n)
+            with open(f, "ab") as fh:  # a writer still busy with the file
+                fh.write(b"\1" * 10_000)
+
+    with pytest.raises(InputError, match="changed while being hashed"):
+        compute_hashes(f, append_once)

@@ -100,7 +100,8 @@ def compute_hashes(
         raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
     pipe = _Pipeline()
     try:
-        size = os.fstat(fh.fileno()).st_size
+        before = os.fstat(fh.fileno())
+        size = before.st_size
         _posix_sequential(fh.fileno())
         bufs = [bytearray(CHUNK), bytearray(CHUNK)]
         autov1_block = bytearray()
@@ -129,8 +130,9 @@ def compute_hashes(
     finally:
         pipe.close()
         fh.close()
-    if pos != size or os.stat(path).st_size != size:
-        raise InputError(path, "file changed size while being hashed (still being written?)")
+    after = os.stat(path)
+    if pos != size or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
+        raise InputError(path, "file changed while being hashed (still being written?)")
     sha = pipe.whole.hexdigest().upper()
     v3 = pipe.tail.hexdigest().upper() if v3_start is not None else None
     v1 = None
