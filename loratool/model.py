@@ -20,15 +20,15 @@ if TYPE_CHECKING:
     import torch
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TensorRef:
     """A tensor in a source file, known by key, dtype and shape; loaded on demand."""
 
     key: str
     dtype: str
     shape: tuple[int, ...]
-    loader: Callable[[str], torch.Tensor] = field(repr=False, compare=False, hash=False)
-    raw_loader: Callable[[str], bytes] | None = field(default=None, repr=False, compare=False, hash=False)
+    loader: Callable[[str], torch.Tensor] = field(repr=False, compare=False)
+    raw_loader: Callable[[str], bytes] | None = field(default=None, repr=False, compare=False)
 
     def load(self) -> torch.Tensor:
         return self.loader(self.key)

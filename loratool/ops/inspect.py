@@ -95,11 +95,9 @@ def target_label(module_name: str) -> str:
 def summarize(adapter: Adapter) -> InspectReport:
     """Summarise a loaded adapter (no tensor data is read)."""
     mods = list(adapter.modules.values())
-    ranks = [r for r in (m.rank for m in mods) if r is not None]
-    alphas = [
-        m.alpha if m.alpha is not None else float(m.rank)
-        for m in mods if m.rank is not None
-    ]
+    ranked = [(m, r) for m in mods if (r := m.rank) is not None]
+    ranks = [r for _, r in ranked]
+    alphas = [m.alpha if m.alpha is not None else float(r) for m, r in ranked]
     types = {m.network_type for m in mods} | ({"dora"} if any(m.dora for m in mods) else set())
     targets = Counter(m.extra.get("target") or target_label(m.source_name) for m in mods)
     dtypes = sorted({ref.dtype for m in mods for ref in m.params.values()} | {m.extra["alpha_dtype"] for m in mods if "alpha_dtype" in m.extra})
