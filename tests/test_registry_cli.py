@@ -33,9 +33,9 @@ def reg(tmp_path: Path) -> Iterator[CivitaiTestServer]:
 
 @pytest.fixture
 def env(reg: CivitaiTestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {"LORATOOL_REGISTRY": reg.url, "CIVITAI_API_TOKEN": TOKEN, "LORATOOL_BACKOFF_BASE": "0.01",
+    values = {"LORATOOL_REGISTRY": reg.url, "LORATOOL_TOKEN": TOKEN, "LORATOOL_BACKOFF_BASE": "0.01",
               "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "COLUMNS": "200"}
-    monkeypatch.delenv("LORATOOL_TOKEN", raising=False)
+    monkeypatch.delenv("CIVITAI_API_TOKEN", raising=False)
     for k, v in values.items():
         monkeypatch.setenv(k, v)
     return dict(os.environ)

@@ -125,6 +125,11 @@ def test_config_precedence(xdg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = cfg.resolve()
     assert (s.url, s.name, s.token, s.token_source) == ("https://mirror.example", "mirror", "cfgtoken", "config")
     monkeypatch.setenv("LORATOOL_REGISTRY", "https://other.example")
+    monkeypatch.setenv("CIVITAI_API_TOKEN", "civitaikey")
+    s = cfg.resolve()
+    assert (s.url, s.token) == ("https://other.example", None)  # a Civitai key never goes elsewhere
+    assert cfg.resolve("https://civitai.com").token == "civitaikey"
+    assert cfg.resolve("https://civitai.red").token_source == "CIVITAI_API_TOKEN"
     monkeypatch.setenv("LORATOOL_TOKEN", "envtoken")
     s = cfg.resolve()
     assert (s.url, s.token, s.url_source) == ("https://other.example", "envtoken", "LORATOOL_REGISTRY")

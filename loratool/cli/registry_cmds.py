@@ -45,7 +45,7 @@ PERIODS = ("AllTime", "Year", "Month", "Week", "Day")
 def registry_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--registry`` and ``--token``, shared by every command that talks to a registry."""
     fn = click.option("--token", envvar=None, default=None, metavar="TOKEN",
-                      help="API token (else CIVITAI_API_TOKEN, LORATOOL_TOKEN or the config).")(fn)
+                      help="API token (else LORATOOL_TOKEN, CIVITAI_API_TOKEN for Civitai, or the config).")(fn)
     return click.option("--registry", default=None, metavar="URL|NAME",
                         help="Registry site root or configured name (else LORATOOL_REGISTRY, "
                              "the config, https://civitai.com).")(fn)

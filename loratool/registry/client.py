@@ -30,7 +30,7 @@ MAX_REDIRECTS = 5
 # status -> what it means to the user (REGISTRY.md §1.6 error table).
 STATUS_MESSAGES: dict[int, str] = {
     400: "bad request",
-    401: "unauthorized: API token missing or invalid (use --token or CIVITAI_API_TOKEN)",
+    401: "unauthorized: API token missing or invalid (use --token, LORATOOL_TOKEN or CIVITAI_API_TOKEN)",
     403: "forbidden: early access, or not permitted for this account",
     404: "not found",
     410: "gone: the model is archived and not available for download",

@@ -8,14 +8,16 @@ The config file (``$XDG_CONFIG_HOME/loratool/config.yaml``, default ``~/.config`
       mirror:  {url: https://models.example.org}
 
 Precedence — registry: ``--registry`` (a URL or a name from the file), ``LORATOOL_REGISTRY``,
-the file's ``default``, then https://civitai.com. Token: ``--token``, ``CIVITAI_API_TOKEN``,
-``LORATOOL_TOKEN``, then the selected registry's ``token`` in the file.
+the file's ``default``, then https://civitai.com. Token: ``--token``, ``LORATOOL_TOKEN``,
+``CIVITAI_API_TOKEN`` (only when the registry is Civitai's own site, so that a Civitai key
+is never sent to another registry), then the selected registry's ``token`` in the file.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,19 @@ from loratool.errors import UsageError
 
 DEFAULT_REGISTRY = "https://civitai.com"
 REGISTRY_ENV = "LORATOOL_REGISTRY"
-TOKEN_ENVS = ("CIVITAI_API_TOKEN", "LORATOOL_TOKEN")
+CIVITAI_HOSTS = ("civitai.com", "civitai.red")
+
+
+def is_civitai(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return any(host == h or host.endswith("." + h) for h in CIVITAI_HOSTS)
+
+
+# environment variable -> which registries it may be sent to, in order of precedence.
+TOKEN_ENVS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("LORATOOL_TOKEN", lambda url: True),
+    ("CIVITAI_API_TOKEN", is_civitai),
+)
 SETTABLE = ("default", "registries.<name>.url", "registries.<name>.token")
 
 
@@ -140,8 +154,8 @@ def resolve(registry: str | None = None, token: str | None = None,
     else:
         raise UsageError(choice, f"no registry of that name in {config_path()}")
     tok, tok_source = token, "--token" if token else None
-    for env in TOKEN_ENVS:
-        if not tok and os.environ.get(env):
+    for env, applies in TOKEN_ENVS:
+        if not tok and os.environ.get(env) and applies(url):
             tok, tok_source = os.environ[env], env
     if not tok and name and regs[name].get("token"):
         tok, tok_source = str(regs[name]["token"]), "config"
