@@ -218,3 +218,12 @@ def test_sanitize_filename_refuses(raw: str) -> None:
 ])
 def test_filename_from_disposition(header: str, name: str | None) -> None:
     assert filename_from_disposition(header) == name
+
+
+def test_registry_code_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, loratool.cli.registry_cmds, loratool.registry, loratool.io.hashing; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
