@@ -175,3 +175,14 @@ def test_mutated_headers_only_raise_our_error(tmp_path: Path, mutations: list, c
     path.write_bytes(body[: len(body) - cut])
     with contextlib.suppress(LoraToolError):  # anything else propagates and fails the test
         load(path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".lora", ""])
+def test_header_length_that_looks_like_pickle_magic(tmp_path: Path, suffix: str) -> None:
+    """A header length whose low byte is 0x80 starts the file like a pickle does."""
+    raw = json.dumps(GOOD_HEADER).encode()
+    raw += b" " * (0x280 - len(raw))  # length 0x280: first bytes 80 02, a pickle-2 opening
+    path = tmp_path / f"lora{suffix}"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64))
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert len(load(path).modules) == 1

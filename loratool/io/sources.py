@@ -76,7 +76,7 @@ def open_source(path: str | os.PathLike[str]) -> TensorSource:
     if p.is_dir():
         return _open_dir(p)
     part = _open_file(p, config=None, component=None)
-    return TensorSource(str(p), "pickle" if _is_pickle_path(p) else "safetensors", [part])
+    return TensorSource(str(p), "pickle" if part.raw is None else "safetensors", [part])
 
 
 def _open_dir(p: Path) -> TensorSource:
@@ -122,21 +122,32 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
 def _is_pickle_path(p: Path) -> bool:
-    if p.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt"):
+    """Pickle-based by extension; for unusual names, a zip-based ``torch.save`` by magic.
+
+    A raw pickle's ``0x80`` first byte is also a valid low byte of a safetensors header
+    length, so files with other extensions are read as safetensors first
+    (:func:`_open_file` falls back to pickle when that fails).
+    """
+    if p.suffix.lower() in PICKLE_SUFFIXES:
         return True
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(4)
-    except OSError:
+    if p.suffix.lower() == ".safetensors":
         return False
-    return head.startswith(PICKLE_MAGIC)
+    return _is_zip(p)
 
 
 def _open_file(p: Path, config: dict[str, Any] | None, component: str | None) -> Part:
     if _is_pickle_path(p):
         return _open_pickle(p, config, component)
-    st = SafetensorsFile(p)
+    try:
+        st = SafetensorsFile(p)
+    except InputError:
+        if p.suffix.lower() != ".safetensors" and _starts_with(p, PICKLE_MAGIC):
+            return _open_pickle(p, config, component)
+        raise
     tensors = {k: TensorEntry(v.dtype, v.shape) for k, v in st.tensors.items()}
     return Part(str(p), tensors, st.metadata, config, component, st.get, st.scalar, st.close, st.read_bytes)
 
@@ -185,6 +196,13 @@ def _refusal(exc: Exception) -> str:
     return (named or lines or ["unsupported content"])[0][:200]
 
 
+def _starts_with(p: Path, magics: tuple[bytes, ...]) -> bool:
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(4).startswith(magics)
+    except OSError:
+        return False
+
+
 def _is_zip(p: Path) -> bool:
-    with open(p, "rb") as fh:
-        return fh.read(4) == b"PK\x03\x04"
+    return _starts_with(p, (b"PK\x03\x04",))
