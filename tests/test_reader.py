@@ -160,7 +160,7 @@ def _mutations() -> st.SearchStrategy:
     return st.lists(st.tuples(st.sampled_from(sorted(GOOD_HEADER)), fields, value), min_size=1, max_size=4)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=_mutations(), cut=st.integers(0, 80), header_delta=st.integers(-3, 3))
 def test_mutated_headers_only_raise_our_error(tmp_path: Path, mutations: list, cut: int, header_delta: int) -> None:
     header = json.loads(json.dumps(GOOD_HEADER))
