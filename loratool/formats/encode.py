@@ -86,10 +86,57 @@ def unsupported_reason(target: str, module: AdapterModule) -> str | None:
         return f"PEFT has no {module.network_type.upper()} layout that matches LyCORIS"
     if "lora_mid" in params:
         return "Tucker (lora_mid) LoCon has no PEFT/diffusers layout"
+    if target == "peft" and module.network_type == "lokr":
+        why = _peft_lokr_mismatch(module)
+        if why:
+            return why
     if module.dora and module.network_type not in DIFFUSERS_TYPES:
         return f"PEFT has no DoRA for {module.network_type.upper()}"
     if module.dora and module.dora_axis == "in":
         return "DoRA normalised per input column (older LyCORIS) cannot be expressed as PEFT's per-row magnitude"
+    return None
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS/PEFT LoKr split of ``dimension`` into (m, n), m ≤ n, m·n = dimension, m
+    closest to ``factor`` (−1: to √dimension), the rule PEFT builds its factors from."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def _peft_lokr_mismatch(m: AdapterModule) -> str | None:
+    """Why PEFT's LoKrModel (``decompose_factor=-1``) would build other factor shapes.
+
+    PEFT derives each factor's shape from the layer (``factorization(out)``,
+    ``factorization(in)``, smaller factor in W1) and decides full vs low-rank from ``r``:
+    W2 is low-rank iff r < max(W2 dims)/2, W1 iff ``decompose_both`` and r < max(W1 dims)/2.
+    """
+    shape = m.extra.get("shape")
+    s = {k: v.shape for k, v in m.params.items()}
+    if not shape or len(shape) < 2:
+        return None
+    w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+    (out_l, out_k), (in_m, in_n) = factorization(shape[0]), factorization(shape[1])
+    if tuple(w1[:2]) != (out_l, in_m):
+        return "LoKr factor split differs from PEFT's (PEFT derives it from the layer, smaller factor in W1)"
+    r = m.rank or _full_rank(m)
+    w2_low = "lokr_w2" not in s
+    if w2_low != (r < max(out_k, in_n) / 2):
+        return f"LoKr {'low-rank' if w2_low else 'full'} W2 where PEFT's rank rule (r < max(W2 dims)/2) builds the other"
+    if "lokr_w1_a" in s and not r < max(out_l, in_m) / 2:
+        return "LoKr low-rank W1 where PEFT's rank rule (r < max(W1 dims)/2) builds it full"
     return None
 
 
@@ -268,10 +315,12 @@ def _full_rank(m: AdapterModule) -> int:
 
 
 def _peft_alpha(m: AdapterModule) -> float:
-    alpha = effective_alpha(m)
-    if alpha is None:  # LoKr with both factors full: kohya scale is 1, PEFT's is alpha/r
+    if m.network_type == "lokr" and m.rank is None:
+        # Both factors full: kohya/LyCORIS ignore the stored alpha (scale 1) but PEFT
+        # always scales by alpha/r, so alpha must equal the r written for this module.
         return float(_full_rank(m))
-    return float(alpha)
+    alpha = effective_alpha(m)
+    return float(alpha) if alpha is not None else float(_full_rank(m))
 
 
 def encode_diffusers(adapter: Adapter, modules: list[AdapterModule], catalog: Catalog, opts: EncodeOptions) -> list[OutputFile]:
