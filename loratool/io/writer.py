@@ -62,8 +62,11 @@ def header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
-    """A temp file (or folder) beside ``final``, moved over it only if the block succeeds."""
+def atomic_path(final: Path, *, directory: bool = False, mode: int | None = None) -> Iterator[Path]:
+    """A temp file (or folder) beside ``final``, moved over it only if the block succeeds.
+
+    The result gets the mode a plain ``open()`` would give, or ``mode`` when given (set
+    before the rename, so a private file is never visible with wider permissions)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if directory:
@@ -74,7 +77,10 @@ def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
         tmp = Path(name)
     try:
         yield tmp
-        _default_mode(tmp)
+        if mode is None:
+            _default_mode(tmp)
+        else:
+            os.chmod(tmp, mode)
         sync_tree(tmp)
         if directory:
             _replace_dir(tmp, final)
@@ -104,10 +110,8 @@ def _default_mode(path: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
     """Write a small file atomically (temp beside it, fsync, rename); ``mode`` overrides."""
     final = Path(path)
-    with atomic_path(final) as tmp:
+    with atomic_path(final, mode=mode) as tmp:
         tmp.write_bytes(data)
-    if mode is not None:
-        os.chmod(final, mode)
     return final
 
 

@@ -16,7 +16,6 @@ is never sent to another registry), then the selected registry's ``token`` in th
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,20 +87,10 @@ def save_config(data: dict[str, Any], path: Path | None = None) -> Path:
     """Write the config atomically, readable only by its owner (it may hold tokens)."""
     import yaml
 
-    path = path or config_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(data, fh, sort_keys=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from loratool.io.writer import atomic_write_bytes
+
+    text = yaml.safe_dump(data, sort_keys=False)
+    return atomic_write_bytes(path or config_path(), text.encode("utf-8"), mode=0o600)
 
 
 def set_value(data: dict[str, Any], key: str, value: str) -> dict[str, Any]:

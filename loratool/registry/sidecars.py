@@ -7,12 +7,12 @@ image. Both are written to a temporary file and renamed into place.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import requests
+
+from loratool.io.writer import atomic_write_bytes
 
 PREVIEW_MAX_BYTES = 32 * 1024 * 1024
 # Content-Type -> extension for preview images we accept.
@@ -24,25 +24,9 @@ def stem_of(model_path: Path) -> str:
     return model_path.name.rsplit(".", 1)[0] if "." in model_path.name else model_path.name
 
 
-def atomic_write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_info(model_path: Path, version: dict[str, Any]) -> Path:
     path = model_path.with_name(f"{stem_of(model_path)}.civitai.info")
-    return atomic_write(path, json.dumps(version, indent=4, ensure_ascii=False).encode("utf-8"))
+    return atomic_write_bytes(path, json.dumps(version, indent=4, ensure_ascii=False).encode("utf-8"))
 
 
 def preview_url(version: dict[str, Any]) -> str | None:
@@ -71,4 +55,4 @@ def write_preview(session: requests.Session, model_path: Path, version: dict[str
     except requests.RequestException:
         return None, "preview not saved (connection failed)"
     path = model_path.with_name(f"{stem_of(model_path)}.preview.{IMAGE_TYPES[ctype]}")
-    return atomic_write(path, bytes(data)), None
+    return atomic_write_bytes(path, bytes(data)), None
