@@ -144,3 +144,11 @@ def test_existing_file_is_kept_without_force(env: dict[str, str], tmp_path: Path
     p = run("fetch", "102", "-o", str(out), "--quiet", "--force", env=env)
     assert p.returncode == 0 and p.stdout == "" and p.stderr == ""
     assert (out / "pixel.safetensors").read_bytes() == (tmp_path / "pixel.safetensors").read_bytes()
+
+
+def test_config_file_is_private(env: dict[str, str], tmp_path: Path) -> None:
+    code, _ = invoke("config", "set", "registries.mine.url", "https://example.invalid")
+    assert code == 0
+    (config,) = (tmp_path / "xdg" / "loratool").glob("config.yaml")
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in config.parent.iterdir()] == ["config.yaml"]  # no temp file left
