@@ -338,3 +338,36 @@ def test_ambiguous_file_needs_family_and_family_overrides(tmp_path: Path) -> Non
         with safe_open(out, "pt") as f:
             keys = list(f.keys())  # noqa: SIM118
         assert keys and all(k.startswith(prefix) and not k.startswith("lora_te2_") for k in keys), keys[:3]
+
+
+def test_verification_catches_a_dora_axis_flip(tmp_path: Path) -> None:
+    """Same bytes, other axis: a square layer's input-column magnitude [1, n] rewritten as
+    [n, 1] reads as per-row DoRA. Byte equality must not pass it as identical."""
+    from loratool.ops.verify import compare_adapters
+
+    src = _path("fixtures/sd15_kohya_dora_inaxis.safetensors")
+    with safe_open(src, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = f.metadata()
+    flipped = [k for k, t in tensors.items() if k.endswith("dora_scale") and t.shape[0] == 1 and t.dim() == 2]
+    assert flipped
+    square = []
+    for k in flipped:
+        t = tensors[k]
+        tensors[k] = t.reshape(t.shape[1], 1)
+        square.append(k)
+    out = tmp_path / "flipped.safetensors"
+    save_file(tensors, out, meta)
+    a_src, b_src = open_source(src), open_source(out)
+    try:
+        a, b = decode(a_src), decode(b_src)
+        assert {m.dora_axis for m in a.modules.values()} == {"in"}
+        report = compare_adapters(list(a.modules.values()), b)
+        same = compare_adapters(list(a.modules.values()), a)
+    finally:
+        a_src.close()
+        b_src.close()
+    changed = {str(k) for k, m in b.modules.items() if m.dora_axis == "out"}
+    assert changed, "square layers now read as per-row DoRA"
+    assert set(report.missing) == changed
+    assert same.missing == [] and same.identical == len(a.modules)

@@ -27,7 +27,9 @@ def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> Compa
     report = CompareReport()
     for m in source_modules:
         o = out.modules.get(m.key)
-        if o is None or o.network_type != m.network_type:
+        # A DoRA magnitude read on the other axis is another module, even with the same
+        # bytes (a square layer's [1, n] and [n, 1] hold the same data).
+        if o is None or o.network_type != m.network_type or o.dora_axis != m.dora_axis:
             report.missing.append(str(m.key))
             continue
         if _same_bytes(m, o):
