@@ -198,7 +198,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert diff <= RTOL * max(scale, 1e-12), f"{what}: max |ΔW_oracle − ΔW_loratool| = {diff:.3g} (max |ΔW| = {scale:.3g})"
 
 
-def _compare(layers: dict[tuple[str, str], BaseTunerLayer], source: Adapter, family: str, *, seed: int = 0) -> int:
+def _compare(
+    layers: dict[tuple[str, str], BaseTunerLayer], source: Adapter, family: str, *, seed: int = 0
+) -> int:
     """Every source module is an adapted layer with the same ΔW (DoRA: same merged weight)."""
     want = {(m.key.component, m.key.path): m for m in source.modules.values()}
     assert set(layers) == set(want), (
@@ -236,7 +238,7 @@ def _load_with_diffusers(path: Path, family: str, *, kohya: bool = False) -> dic
     pipe = PIPELINES[family]
     layers: dict[tuple[str, str], BaseTunerLayer] = {}
     with _strict_loading() as messages:
-        kwargs = {"unet_config": _unet(family).config} if family == "sdxl" else {}
+        kwargs = {"unet_config": _unet(family).config} if family.startswith("sdxl") else {}
         state_dict, alphas, metadata = pipe.lora_state_dict(str(path), return_lora_metadata=True, **kwargs)
         if kohya:
             assert metadata is None and alphas, "diffusers did not take our kohya file for a kohya file"
@@ -502,5 +504,96 @@ def test_per_module_ranks_and_alphas_reach_the_oracles(name: str, target: str, t
             out = _convert(src, target, tmp_path / "out.safetensors", None)
             layers = _load_with_diffusers(out, source.family, kohya=target == "kohya")
         assert _compare(layers, source, source.family) == len(source.modules)
+    finally:
+        handle.close()
+
+
+# ------------------------------------------------- SD2 and the SDXL refiner, files built from the models
+
+PIPELINES["sd2"] = StableDiffusionPipeline
+SUBSET = re.compile(
+    r"^(down_blocks\.1\.attentions\.0\.|down_blocks\.0\.(resnets\.0|downsamplers)\.|mid_block\.|up_blocks\.\d\.upsamplers\.|"
+    r"conv_in$|conv_out$|time_embedding\.|add_embedding\.|(text_model\.)?encoder\.layers\.(0|22|31)\.|text_projection$)"
+)
+
+
+NOT_KOHYA_TRAINED = re.compile(r"conv_in$|conv_out$|time_embedding\.|add_embedding\.")
+
+
+def _synthetic(family: str, fmt: str, dst: Path, *, skip: re.Pattern[str] | None = None) -> Path:
+    """A LoRA on a slice of every kind of layer (attention, ff, proj, resnet convs,
+    samplers, conv_in/out, time/add embeddings, first/last text-encoder layers), named
+    from diffusers'/transformers' own ``named_modules()``: kohya (SD2: 1×1-conv shaped
+    proj_in/out as kohya trains SD2) or diffusers PEFT-style, random fp16 factors."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(7)
+    tensors: dict[str, torch.Tensor] = {}
+    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+    for component in _components(family):
+        model = _model(family, component)
+        for path, layer in model.named_modules():
+            if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) or not SUBSET.match(path):
+                continue
+            if skip is not None and skip.match(path):
+                continue
+            path = _catalog_path(model, component, path)
+            out_f, in_f = layer.weight.shape[:2]
+            kernel = tuple(layer.weight.shape[2:])
+            rank = 4 if out_f % 2 else 2  # two ranks in one file
+            down = torch.randn(rank, in_f, *kernel, generator=gen) / in_f**0.5
+            up = torch.randn(out_f, rank, *([1, 1] if kernel else []), generator=gen) / rank
+            if fmt == "kohya":
+                name = f"{prefixes[component]}_{path.replace('.', '_')}"
+                if family == "sd2" and path.endswith(("proj_in", "proj_out")):
+                    down, up = down[..., None, None], up[..., None, None]
+                tensors[f"{name}.lora_down.weight"] = down.half()
+                tensors[f"{name}.lora_up.weight"] = up.half()
+                tensors[f"{name}.alpha"] = torch.tensor(float(rank) / 2).half()
+            else:
+                tensors[f"{component}.{path}.lora_A.weight"] = down.half()
+                tensors[f"{component}.{path}.lora_B.weight"] = up.half()
+    save_file(tensors, dst, {"ss_network_module": "networks.lora"} if fmt == "kohya" else {"format": "pt"})
+    return dst
+
+
+REFINER_TE_PREFIX = (
+    "by design in loratool.arch.families (sdxl-refiner kohya_prefixes=('lora_te', 'lora_te2')): the refiner's "
+    "bigG encoder is written as lora_te_ (what ComfyUI maps to clip_g without a clip_l), and diffusers maps "
+    "lora_te_ to text_encoder, which the refiner pipeline lacks, so diffusers loads none of it. Also a diffusers "
+    "0.35.2 bug: _maybe_map_sgm_blocks_to_diffusers maps SGM inner index 1 to 'attentions', so the refiner's "
+    "attention-less up level (output_blocks_2_1_conv = up_blocks.0.upsamplers.0.conv, correct LDM naming) is "
+    "silently dropped"
+)
+
+
+@pytest.mark.parametrize("target", ["diffusers", "peft", "kohya"])
+@pytest.mark.parametrize(("family", "fmt"), [("sd2", "kohya"), ("sdxl-refiner", "diffusers")])
+def test_sd2_and_refiner_files_reach_the_oracles(
+    family: str, fmt: str, target: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """SD2 (23-layer OpenCLIP-H, linear proj stored 1×1-conv shaped) and the SDXL refiner
+    (bigG as ``text_encoder_2`` only): detected, converted, and loaded by diffusers/PEFT
+    with loratool's ΔW in every module, conv_in/out and embeddings included."""
+    if family == "sdxl-refiner":
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        PIPELINES[family] = StableDiffusionXLImg2ImgPipeline
+        if target == "kohya":
+            request.applymarker(pytest.mark.xfail(strict=True, reason=REFINER_TE_PREFIX, raises=AssertionError))
+    # diffusers' kohya loader drops (SD1/SD2) or rejects (SGM: "label_emb … not supported")
+    # LoRA on layers kohya's trainer never targets, so its file leaves them out.
+    skip = NOT_KOHYA_TRAINED if target == "kohya" else None
+    src = _synthetic(family, fmt, tmp_path / "src.safetensors", skip=skip)
+    source, handle = _decode(src)
+    try:
+        assert source.family == family and not source.unknown_keys
+        if target == "peft":
+            out = _convert(src, "peft", tmp_path / "p", None)
+            layers = _load_with_peft(out, family, sorted(p.name for p in out.iterdir()))
+        else:
+            out = _convert(src, target, tmp_path / "out.safetensors", None)
+            layers = _load_with_diffusers(out, family, kohya=target == "kohya")
+        assert _compare(layers, source, family) == len(source.modules) > 30
     finally:
         handle.close()
