@@ -597,3 +597,73 @@ def test_sd2_and_refiner_files_reach_the_oracles(
         assert _compare(layers, source, family) == len(source.modules) > 30
     finally:
         handle.close()
+
+
+# ------------------------------------------------------------------ LyCORIS on our kohya output
+
+LYCORIS_413_SPLIT = (
+    "lycoris-lora 4.1.3 LokrModule.make_module_from_state_dict re-derives the factor split and builds "
+    "W1 48x.. where this file (older LyCORIS, larger factor in W1) holds 64x..: copy_ fails on the source "
+    "file too; our kohya output is byte-identical to it (test_convert round trip)"
+)
+KOHYA_LYCORIS_SOURCES: list = [
+    ("fixtures/sd15_kohya_loha.safetensors", None),
+    ("fixtures/sd15_kohya_lokr.safetensors", None),
+    ("fixtures/sd15_kohya_locon.safetensors", None),
+    pytest.param(
+        "realworld/lycoris-lokr-sd1/smart_falcon_4_lokr.safetensors", None,
+        marks=pytest.mark.xfail(strict=True, reason=LYCORIS_413_SPLIT, raises=RuntimeError),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "family"), KOHYA_LYCORIS_SOURCES,
+    ids=["sd15_kohya_loha", "sd15_kohya_lokr", "sd15_kohya_locon", "lycoris-lokr-sd1"],
+)
+def test_lycoris_loads_our_kohya_output(name: str, family: str | None, tmp_path: Path) -> None:
+    """LyCORIS' own loading steps (those of ``create_network_from_weights``: flattened
+    ``named_modules()`` names, ``get_module`` + ``make_module`` on the file's tensors) take
+    every module of our kohya file, and each ``get_diff_weight`` equals loratool's ΔW from
+    the source (LoKr full factors: scale 1). Its network class itself asserts on
+    diffusers' UNet (``duplicated lora name``), so the per-module steps are called directly."""
+    pytest.importorskip("lycoris")
+    from lycoris.modules import LoConModule, get_module, make_module
+    from safetensors.torch import load_file
+
+    src = _path(name)
+    out = _convert(src, "kohya", tmp_path / "k.safetensors", family)
+    source, handle = _decode(src, family)
+    try:
+        fam = source.family
+        unet = _materialise(_unet(fam))
+        te = _materialise(_text_encoder(fam, "text_encoder"))
+        by_name = {f"lora_unet_{n}".replace(".", "_"): ("unet", n) for n, _ in unet.named_modules()}
+        by_name.update(
+            {f"lora_te_{n}".replace(".", "_"): ("text_encoder", _catalog_path(te, "text_encoder", n)) for n, _ in te.named_modules()}
+        )
+        layers = {f"lora_unet_{n}".replace(".", "_"): mod for n, mod in unet.named_modules()}
+        layers.update({f"lora_te_{n}".replace(".", "_"): mod for n, mod in te.named_modules()})
+        weights = load_file(out)
+        loaded = {}
+        for lora_name in sorted({k.split(".")[0] for k in weights}):
+            assert lora_name in layers, f"LyCORIS finds no module named {lora_name}"
+            module = make_module(*get_module(weights, lora_name), lora_name, layers[lora_name])
+            assert module is not None, lora_name
+            module.multiplier = 1.0
+            loaded[by_name[lora_name]] = module
+        want = {(m.key.component, m.key.path): m for m in source.modules.values()}
+        assert set(loaded) == set(want), sorted(set(want) ^ set(loaded))[:5]
+        for key, m in sorted(want.items()):
+            ours = _our_delta(m, fam)
+            module = loaded[key]
+            if isinstance(module, LoConModule):
+                diff, _ = module.get_diff_weight(multiplier=1)
+            else:
+                # lycoris-lora 4.1.3: LoHa/LoKr get_weight() already applies self.scale and
+                # get_diff_weight() multiplies by it again (scale², a LyCORIS bug), so the
+                # once-scaled weight is read from get_weight().
+                diff = module.get_weight(tuple(ours.shape))
+            _close(diff, ours, f"LyCORIS ΔW of {key}")
+    finally:
+        handle.close()
