@@ -79,8 +79,12 @@ class AdapterModule:
 
     @property
     def scale(self) -> float:
+        """alpha/rank, or the source format's own scale where kohya's rule has none
+        (``extra["scale"]``: PEFT LoKr with both factors full)."""
         from loratool.networks import scale_of
 
+        if "scale" in self.extra:
+            return self.extra["scale"]
         return scale_of(
             self.network_type, {k: v.shape for k, v in self.params.items()}, self.alpha
         )

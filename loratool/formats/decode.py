@@ -17,7 +17,7 @@ from loratool import arch
 from loratool.errors import NotAnAdapterError, UsageError
 from loratool.formats.family import ALL_FAMILIES, ModuleShape, detect_family
 from loratool.formats.keys import ParsedKey, kohya_prefix, parse_dotted, parse_kohya
-from loratool.formats.peft_config import configs_from_diffusers_metadata, kohya_alpha
+from loratool.formats.peft_config import configs_from_diffusers_metadata, kohya_alpha, peft_scale
 from loratool.formats.weight_shape import weight_io
 from loratool.io.sources import Part, TensorSource
 from loratool.model import Adapter, AdapterModule, ModuleKey, TensorRef
@@ -222,6 +222,10 @@ def _classify(
         )
         if "alpha" in g.params:
             module.extra["alpha_dtype"] = g.params["alpha"].dtype
+        config = _config_for(g, configs)
+        if config is not None and rank_of(ntype, shapes) is None and ntype == "lokr":
+            # Both LoKr factors full: kohya's scale is 1 and ignores alpha, PEFT's is alpha/r.
+            module.extra["scale"] = peft_scale(config, g.module)
         modules.append((g, module))
     return modules, unclassified
 
@@ -232,10 +236,16 @@ def _alpha(g: _Group, configs: dict[str | None, dict[str, Any]], ntype: str, ran
         value = g.part.scalar(ref.key)
         value = struct.unpack("<f", struct.pack("<f", value))[0]  # read as float32
         return value or None  # 0 means absent
-    config = configs.get(g.component) or (configs.get(None) if len(configs) == 1 else None)
+    config = _config_for(g, configs)
     if config is None:
         return None
     return kohya_alpha(config, g.module, rank)
+
+
+def _config_for(g: _Group, configs: dict[str | None, dict[str, Any]]) -> dict[str, Any] | None:
+    if "alpha" in g.params:  # an alpha tensor: the file speaks kohya's convention
+        return None
+    return configs.get(g.component) or (next(iter(configs.values())) if len(configs) == 1 else None)
 
 
 def _flat(g: _Group) -> str:

@@ -192,14 +192,25 @@ def _dora_shape(target: str, m: AdapterModule, spec: ModuleSpec | None) -> tuple
 
 
 def _module_tensors(
-    target: str, m: AdapterModule, spec: ModuleSpec | None, prefix: str, names: Callable[[str], str], opts: EncodeOptions
+    target: str, m: AdapterModule, spec: ModuleSpec | None, prefix: str, names: Callable[[str], str],
+    opts: EncodeOptions, transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> list[OutTensor]:
     out = []
     for param, ref in sorted(m.params.items()):
         shape = _dora_shape(target, m, spec) if param == "dora_scale" else _lora_shape(param, ref, spec)
         dtype = _cast(ref, opts.dtype)
-        out.append(OutTensor(f"{prefix}.{names(param)}", dtype, shape, _producer(ref, shape, dtype)))
+        fn = (transforms or {}).get(param)
+        out.append(OutTensor(f"{prefix}.{names(param)}", dtype, shape, _producer(ref, shape, dtype, fn)))
     return out
+
+
+def _baked_scale(m: AdapterModule) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """kohya ignores alpha on a LoKr with both factors full (scale 1): a source scale
+    other than 1 (PEFT's alpha/r) is multiplied into ``lokr_w2``."""
+    scale = m.extra.get("scale")
+    if scale is None or scale == 1.0 or "lokr_w2" not in m.params:
+        return {}
+    return {"lokr_w2": lambda t: t.float() * scale}
 
 
 def _kohya_param(param: str) -> str:
@@ -229,7 +240,7 @@ def encode_kohya(adapter: Adapter, modules: list[AdapterModule], catalog: Catalo
     for m in modules:
         spec = catalog.get(m.key.component, m.key.path) if m.resolved else None
         name = catalog.kohya_name(spec) if spec else m.source_name
-        tensors += _module_tensors("kohya", m, spec, name, _kohya_param, opts)
+        tensors += _module_tensors("kohya", m, spec, name, _kohya_param, opts, _baked_scale(m))
         alpha = effective_alpha(m)
         if alpha is not None and _uses_alpha(m):
             tensors.append(_alpha_tensor(f"{name}.alpha", alpha))
@@ -317,8 +328,8 @@ def _full_rank(m: AdapterModule) -> int:
 def _peft_alpha(m: AdapterModule) -> float:
     if m.network_type == "lokr" and m.rank is None:
         # Both factors full: kohya/LyCORIS ignore the stored alpha (scale 1) but PEFT
-        # always scales by alpha/r, so alpha must equal the r written for this module.
-        return float(_full_rank(m))
+        # always scales by alpha/r, so alpha = r·scale for the r written for this module.
+        return float(_full_rank(m)) * m.scale
     alpha = effective_alpha(m)
     return float(alpha) if alpha is not None else float(_full_rank(m))
 

@@ -45,6 +45,18 @@ def kohya_alpha(config: dict[str, Any], module: str, rank: int | None) -> float 
     return alpha
 
 
+def peft_scale(config: dict[str, Any], module: str) -> float:
+    """PEFT's own scale for ``module``: alpha/r with both patterns applied (rsLoRA: /√r)."""
+    r = config.get("r") or 8
+    ranks = config.get("rank_pattern") or {}
+    key = pattern_key(ranks, module)
+    if key is not None:
+        r = ranks[key]
+    alpha = kohya_alpha({**config, "use_rslora": False}, module, None)
+    alpha = float(r) if alpha is None else alpha
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
 def configs_from_diffusers_metadata(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Split diffusers' ``lora_adapter_metadata`` ("unet.lora_alpha": …) per component."""
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)

@@ -105,8 +105,12 @@ def delta_weight(
     target_shape: tuple[int, ...] | None = None,
     *,
     base_weight: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """fp32 ΔW with the module scale applied (no DoRA, no user multiplier).
+
+    ``scale`` overrides the kohya ``alpha/rank`` rule where a format scales otherwise
+    (PEFT LoKr with both factors full scales by alpha/r; kohya by 1).
 
     Reshaped to ``target_shape`` when given (element counts must match: 1×1 conv ↔
     linear, flattened LoHa conv factors). IA3, GLoRA, OFT and BOFT need ``base_weight``
@@ -119,7 +123,8 @@ def delta_weight(
         target_shape = tuple(base_weight.shape)
     if base_weight is not None and t.needs_base:
         base_weight = base_weight.reshape(target_shape)
-    scale = scale_of(network_type, _shapes(tensors), alpha)
+    if scale is None:
+        scale = scale_of(network_type, _shapes(tensors), alpha)
     dw = t.delta(tensors, scale, base=base_weight, alpha=as_alpha(alpha))
     return reshape_to(dw, target_shape)
 

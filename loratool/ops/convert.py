@@ -82,7 +82,7 @@ def convert(
             syncing = start_sync(tmp)  # flush to disk while the output is re-read
             try:
                 if verify:
-                    _verify(adapter, modules, tmp, result, exact=dtype is None)
+                    _verify(adapter, modules, tmp, result)
             finally:
                 syncing.join()
     finally:
@@ -152,7 +152,7 @@ def _by_reason(refused: dict[str, str]) -> str:
     )
 
 
-def _verify(adapter: Adapter, modules: list[AdapterModule], written: Path, result: ConvertResult, exact: bool) -> None:
+def _verify(adapter: Adapter, modules: list[AdapterModule], written: Path, result: ConvertResult) -> None:
     out_source = open_source(written)
     try:
         out = decode(out_source, family=adapter.family)
@@ -163,8 +163,9 @@ def _verify(adapter: Adapter, modules: list[AdapterModule], written: Path, resul
     result.identical_modules = report.identical
     if report.missing:
         raise ConversionError(result.output, f"verification failed: {len(report.missing)} module(s) missing from the output, e.g. {report.missing[0]}")
-    if exact and report.max_abs_diff > report.tolerance:
+    if report.over_tolerance:
         raise ConversionError(
             result.output,
-            f"verification failed: ΔW differs by up to {report.max_abs_diff:.3g} (at {report.worst}); nothing was written",
+            f"verification failed: ΔW differs beyond rounding in {len(report.over_tolerance)} module(s), "
+            f"e.g. {report.over_tolerance[0]}; nothing was written",
         )

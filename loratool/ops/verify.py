@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 from loratool.model import Adapter, AdapterModule
 
+# Unit roundoff per safetensors float dtype: the tolerance of a recomputed module is
+# 8·u·max(ΔW of |factors|), a bound on what rounding the factors to u can change.
+UNIT_ROUNDOFF: dict[str, float] = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
+
 
 @dataclass
 class CompareReport:
@@ -19,7 +23,7 @@ class CompareReport:
     identical: int = 0
     recomputed: int = 0
     missing: list[str] = field(default_factory=list)
-    tolerance: float = 0.0
+    over_tolerance: list[str] = field(default_factory=list)
 
 
 def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> CompareReport:
@@ -35,9 +39,10 @@ def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> Compa
         if _same_bytes(m, o):
             report.identical += 1
             continue
-        diff, scale_of_dw = _recompute(m, o)
+        diff, tolerance = _recompute(m, o)
         report.recomputed += 1
-        report.tolerance = max(report.tolerance, 1e-6 * scale_of_dw)
+        if diff > tolerance:
+            report.over_tolerance.append(f"{m.key} (|ΔW diff| {diff:.3g} > {tolerance:.3g})")
         if diff > report.max_abs_diff:
             report.max_abs_diff, report.worst = diff, str(m.key)
     return report
@@ -57,27 +62,35 @@ def _same_bytes(a: AdapterModule, b: AdapterModule) -> bool:
 
 
 def _recompute(a: AdapterModule, b: AdapterModule) -> tuple[float, float]:
-    """(max |ΔW_a − ΔW_b| over weight, magnitude and bias; max |ΔW_a|)."""
-    import torch
-
+    """(max |ΔW_a − ΔW_b| over weight, magnitude and bias; the rounding tolerance)."""
     from loratool.networks import NETWORK_TYPES, delta_bias, delta_weight
 
     ta = {k: v.load() for k, v in a.params.items()}
     tb = {k: v.load() for k, v in b.params.items()}
+    u = max(UNIT_ROUNDOFF.get(v.dtype, 0.0) for v in [*a.params.values(), *b.params.values()])
     shape = tuple(a.extra.get("shape") or ())
     if NETWORK_TYPES[a.network_type].needs_base:  # compare the parameters themselves
-        diffs = [(ta[k].float().flatten() - tb[k].float().flatten()).abs().max().item() for k in ta if k in tb]
-        return max(diffs, default=0.0), max((t.float().abs().max().item() for t in ta.values()), default=0.0)
-    dwa = delta_weight(a.network_type, _core(ta), a.alpha, shape or None)
-    dwb = delta_weight(b.network_type, _core(tb), b.alpha, tuple(dwa.shape))
-    diff = (dwa - dwb).abs().max().item()
+        diffs = [_maxdiff(ta[k], tb[k]) for k in ta if k in tb]
+        bound = max((t.float().abs().max().item() for t in ta.values()), default=0.0)
+        return max(diffs, default=0.0), 2 * u * bound
+    dwa = delta_weight(a.network_type, _core(ta), a.alpha, shape or None, scale=a.scale)
+    dwb = delta_weight(b.network_type, _core(tb), b.alpha, tuple(dwa.shape), scale=b.scale)
+    diff = _maxdiff(dwa, dwb)
+    bound = delta_weight(a.network_type, {k: t.abs() for k, t in _core(ta).items()}, a.alpha, tuple(dwa.shape), scale=abs(a.scale))
+    tolerance = 8 * u * bound.abs().max().item()
+    del dwa, dwb, bound
     if "dora_scale" in ta:
-        diff = max(diff, (ta["dora_scale"].float().flatten() - tb["dora_scale"].float().flatten()).abs().max().item())
+        diff = max(diff, _maxdiff(ta["dora_scale"], tb["dora_scale"]))
+        tolerance = max(tolerance, 2 * u * ta["dora_scale"].float().abs().max().item())
     ba, bb = delta_bias(a.network_type, ta, a.alpha), delta_bias(b.network_type, tb, b.alpha)
     if ba is not None and bb is not None:
-        diff = max(diff, (ba - bb).abs().max().item())
-    del torch
-    return diff, dwa.abs().max().item()
+        diff = max(diff, _maxdiff(ba, bb))
+        tolerance = max(tolerance, 8 * u * ba.abs().max().item())
+    return diff, tolerance
+
+
+def _maxdiff(x, y) -> float:  # noqa: ANN001
+    return (x.float().flatten() - y.float().flatten()).abs().max().item() if x.numel() else 0.0
 
 
 def _core(tensors: dict) -> dict:
