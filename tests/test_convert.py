@@ -371,3 +371,30 @@ def test_verification_catches_a_dora_axis_flip(tmp_path: Path) -> None:
     assert changed, "square layers now read as per-row DoRA"
     assert set(report.missing) == changed
     assert same.missing == [] and same.identical == len(a.modules)
+
+
+def test_peft_adapter_wide_lokr_setting_refuses_the_odd_module(tmp_path: Path) -> None:
+    """PEFT's decompose_both holds for a whole adapter: one low-rank W1 among full ones
+    would be built full by PEFT, so it is refused by name (and --skip-unsupported writes
+    the rest)."""
+    from safetensors.torch import load_file
+
+    src = load_file(str(FIXTURES / "sd15_kohya_lokr.safetensors"))
+    odd = next(
+        k.split(".")[0] for k in sorted(src)
+        if k.startswith("lora_unet") and k.endswith(".lokr_w1") and k.replace("w1", "w2_a") in src
+    )
+    w1 = src.pop(f"{odd}.lokr_w1").float()
+    u, sv, vh = torch.linalg.svd(w1)
+    src[f"{odd}.lokr_w1_a"] = (u[:, :4] * sv[:4]).contiguous().half()
+    src[f"{odd}.lokr_w1_b"] = vh[:4].contiguous().half()
+    path = tmp_path / "mixed_w1.safetensors"
+    save_file(src, str(path))
+    refused = run_cli("convert", str(path), "--to", "peft", "-o", str(tmp_path / "p"))
+    assert refused.returncode != 0 and "decompose_both" in refused.stderr and odd in refused.stderr
+    assert not (tmp_path / "p").exists()
+    kept = run_cli("convert", str(path), "--to", "peft", "-o", str(tmp_path / "p"), "--skip-unsupported")
+    assert kept.returncode == 0, kept.stderr
+    assert odd in kept.stderr and "verified" in kept.stdout
+    config = json.loads((tmp_path / "p" / "unet" / "adapter_config.json").read_text())
+    assert config["decompose_both"] is False

@@ -140,6 +140,58 @@ def _peft_lokr_mismatch(m: AdapterModule) -> str | None:
     return None
 
 
+# PEFT LoHa/LoKr settings that hold for a whole adapter: (type, flag, says-yes, needs-it).
+# ``needs-it`` tells whether a module agrees only if the flag is on (None: indifferent).
+def _lokr_w1_needs_decompose(m: AdapterModule) -> bool | None:
+    if "lokr_w1_a" in m.params:
+        return True
+    shape = m.extra.get("shape")
+    if not shape or len(shape) < 2:
+        return None
+    r = m.rank or _full_rank(m)
+    w1 = m.params["lokr_w1"].shape
+    # full W1 stays full under decompose_both only when r >= max(W1 dims)/2
+    return None if r >= max(w1[0], w1[1]) / 2 else False
+
+
+def _tucker_needs_effective_conv(tucker_param: str) -> Callable[[AdapterModule], bool | None]:
+    def needs(m: AdapterModule) -> bool | None:
+        shape = m.extra.get("shape")
+        if not shape or len(shape) != 4 or tuple(shape[2:]) == (1, 1):
+            return None  # PEFT applies the flag to convs with a kernel only
+        return tucker_param in m.params
+
+    return needs
+
+
+ADAPTER_WIDE_FLAGS: list[tuple[str, str, Callable[[AdapterModule], bool | None]]] = [
+    ("lokr", "decompose_both", _lokr_w1_needs_decompose),
+    ("lokr", "use_effective_conv2d", _tucker_needs_effective_conv("lokr_t2")),
+    ("loha", "use_effective_conv2d", _tucker_needs_effective_conv("hada_t1")),
+]
+
+
+def peft_adapter_conflicts(modules: list[AdapterModule]) -> dict[str, str]:
+    """Modules PEFT would build differently because a LoHa/LoKr setting is adapter-wide.
+
+    Per component and flag, the setting that fits more modules wins; the others are
+    returned as ``{module: reason}`` (PEFT would refuse their shapes on load)."""
+    refused: dict[str, str] = {}
+    for component, mods in _components(modules).items():
+        for ntype, flag, needs in ADAPTER_WIDE_FLAGS:
+            votes = [(m, needs(m)) for m in mods if m.network_type == ntype]
+            yes = [m for m, v in votes if v is True]
+            no = [m for m, v in votes if v is False]
+            if yes and no:
+                losers, setting = (no, True) if len(yes) >= len(no) else (yes, False)
+                for m in losers:
+                    refused[m.source_name or str(m.key)] = (
+                        f"PEFT's {flag} is one setting for all of {component}; it must be {setting} "
+                        f"for most {ntype.upper()} modules there, which builds this one differently"
+                    )
+    return refused
+
+
 def _cast(ref: TensorRef, dtype: str | None) -> str:
     return dtype if dtype and ref.dtype in FLOAT_DTYPES else ref.dtype
 
@@ -313,9 +365,8 @@ def peft_config(modules: list[AdapterModule], base_model: str | None = None) -> 
     else:
         config.update(rank_dropout=0.0, module_dropout=0.0, init_weights=True)
         if peft_type == "LOKR":
-            config.update(decompose_both=any("lokr_w1_a" in m.params for m in modules), decompose_factor=-1, use_effective_conv2d=any("lokr_t2" in m.params for m in modules))
-        else:
-            config.update(use_effective_conv2d=any("hada_t1" in m.params for m in modules))
+            config.update(decompose_factor=-1)
+        config.update({flag: any(needs(m) for m in modules) for t, flag, needs in ADAPTER_WIDE_FLAGS if t == peft_type.lower()})
     return config
 
 

@@ -19,6 +19,7 @@ from loratool.formats.encode import (
     ENCODERS,
     TARGETS,
     EncodeOptions,
+    peft_adapter_conflicts,
     unsupported_reason,
     writes_directory,
 )
@@ -129,6 +130,10 @@ def _select(adapter: Adapter, target: str, skip: bool) -> tuple[list[AdapterModu
             keep.append(m)
         else:
             refused[m.source_name or str(m.key)] = reason
+    if target == "peft":
+        conflicts = peft_adapter_conflicts(keep)
+        keep = [m for m in keep if (m.source_name or str(m.key)) not in conflicts]
+        refused.update(conflicts)
     for key in adapter.unknown_keys:
         refused.setdefault(key, "unrecognised key")
     if refused and not skip:
