@@ -29,6 +29,7 @@ class TensorRef:
     shape: tuple[int, ...]
     loader: Callable[[str], torch.Tensor] = field(repr=False, compare=False)
     raw_loader: Callable[[str], bytes] | None = field(default=None, repr=False, compare=False)
+    location: tuple[str, int] | None = None  # (file, byte offset) of the stored bytes
 
     def load(self) -> torch.Tensor:
         return self.loader(self.key)

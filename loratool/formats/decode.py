@@ -116,7 +116,10 @@ def _group_keys(source: TensorSource) -> tuple[dict[tuple[str | None, str], _Gro
                 unparsed.append(key)  # the same parameter spelled twice
                 continue
             g.styles.add(parsed.style)
-            g.params[parsed.param] = TensorRef(key, entry.dtype, entry.shape, part.get, part.raw)
+            g.params[parsed.param] = TensorRef(
+                key, entry.dtype, entry.shape, part.get, part.raw,
+                None if entry.offset is None else (part.path, entry.offset),
+            )
             g.keys.append(key)
     return groups, unparsed
 

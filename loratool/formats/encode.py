@@ -252,7 +252,11 @@ def _module_tensors(
         shape = _dora_shape(target, m, spec) if param == "dora_scale" else _lora_shape(param, ref, spec)
         dtype = _cast(ref, opts.dtype)
         fn = (transforms or {}).get(param)
-        out.append(OutTensor(f"{prefix}.{names(param)}", dtype, shape, _producer(ref, shape, dtype, fn)))
+        unchanged = fn is None and dtype == ref.dtype
+        out.append(OutTensor(
+            f"{prefix}.{names(param)}", dtype, shape, _producer(ref, shape, dtype, fn),
+            copy_from=ref.location if unchanged else None,
+        ))
     return out
 
 

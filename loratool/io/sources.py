@@ -38,6 +38,7 @@ class TensorEntry:
 
     dtype: str
     shape: tuple[int, ...]
+    offset: int | None = None  # absolute byte offset in the file (safetensors only)
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _open_file(p: Path, config: dict[str, Any] | None, component: str | None) ->
         if p.suffix.lower() != ".safetensors" and _starts_with(p, PICKLE_MAGIC):
             return _open_pickle(p, config, component)
         raise
-    tensors = {k: TensorEntry(v.dtype, v.shape) for k, v in st.tensors.items()}
+    tensors = {k: TensorEntry(v.dtype, v.shape, v.start) for k, v in st.tensors.items()}
     return Part(str(p), tensors, st.metadata, config, component, st.get, st.scalar, st.close, st.read_bytes)
 
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from loratool.errors import InputError
 from loratool.io.safetensors import DTYPE_SIZES, TORCH_DTYPES
@@ -36,6 +36,7 @@ class OutTensor:
     dtype: str
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor | bytes | bytearray | memoryview]
+    copy_from: tuple[str, int] | None = None  # (file, offset) holding exactly these bytes
 
     @property
     def nbytes(self) -> int:
@@ -174,19 +175,84 @@ def write_safetensors(
         meta[hash_key] = HASH_PLACEHOLDER
     header = header_bytes(tensors, meta)
     digest = hashlib.sha256() if hash_key else None
-    with open(path, "wb+") as fh:
-        fh.write(len(header).to_bytes(8, "little"))
-        fh.write(header)
-        for t in tensors:
-            data = _bytes_of(t)
-            if digest is not None:
-                digest.update(data)
-            fh.write(data)
-            del data
-        if digest is not None:
-            fh.seek(8)
-            fh.write(header.replace(HASH_PLACEHOLDER.encode(), digest.hexdigest().encode(), 1))
+    sources: dict[str, int] = {}
+    try:
+        # "r+b" on the (new, empty) temp file: truncating with "w" would make ext4 start
+        # writeback on close (its auto_da_alloc heuristic), stalling here for nothing.
+        mode = "r+b" if os.path.exists(path) and os.path.getsize(path) == 0 else "wb+"
+        with open(path, mode) as fh:
+            fh.write(len(header).to_bytes(8, "little"))
+            fh.write(header)
+            pos = 8 + len(header)
+            for run in _runs(tensors, copyable=digest is None):
+                if isinstance(run, tuple):  # (file, offset, n): contiguous stored bytes
+                    fh.flush()
+                    _copy_range(sources, run, fh.fileno(), pos)
+                    pos += run[2]
+                    fh.seek(pos)
+                    continue
+                data = _bytes_of(run)
+                if digest is not None:
+                    digest.update(data)
+                fh.write(data)
+                pos += run.nbytes
+                del data
+            _finish(fh, header, digest)
+    finally:
+        for fd in sources.values():
+            os.close(fd)
     return digest.hexdigest() if digest is not None else ""
+
+
+def _runs(tensors: list[OutTensor], copyable: bool) -> Iterator[OutTensor | tuple[str, int, int]]:
+    """Tensors to produce one by one, with neighbours whose stored bytes lie back to back
+    in one source file merged into a single ``(file, offset, length)`` copy."""
+    pending: list[Any] | None = None
+    for t in tensors:
+        if not copyable or t.copy_from is None:
+            if pending:
+                yield tuple(pending)
+                pending = None
+            yield t
+            continue
+        path, offset = t.copy_from
+        if pending and pending[0] == path and pending[1] + pending[2] == offset:
+            pending[2] += t.nbytes
+        else:
+            if pending:
+                yield tuple(pending)
+            pending = [path, offset, t.nbytes]
+    if pending:
+        yield tuple(pending)
+
+
+def _copy_range(sources: dict[str, int], origin: tuple[str, int, int], out_fd: int, out_pos: int) -> None:
+    """Copy stored bytes into the output inside the kernel (as ``cp`` does), falling back
+    to read/write where the filesystem cannot."""
+    path, offset, n = origin
+    src = sources.get(path)
+    if src is None:
+        src = sources[path] = os.open(path, os.O_RDONLY)
+    done = 0
+    while done < n:
+        try:
+            copied = os.copy_file_range(src, out_fd, n - done, offset + done, out_pos + done)
+        except OSError:
+            copied = 0
+        if copied == 0:  # unsupported here, or EOF: plain copy of the rest
+            data = os.pread(src, n - done, offset + done)
+            if len(data) != n - done:
+                raise InputError(path, "truncated while copying tensor data")
+            os.pwrite(out_fd, data, out_pos + done)
+            copied = len(data)
+        done += copied
+
+
+def _finish(fh: BinaryIO, header: bytes, digest: Any) -> None:
+    """Patch the real data hash into the header placeholder."""
+    if digest is not None:
+        fh.seek(8)
+        fh.write(header.replace(HASH_PLACEHOLDER.encode(), digest.hexdigest().encode(), 1))
 
 
 def _bytes_of(t: OutTensor) -> memoryview | bytes:
