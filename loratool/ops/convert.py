@@ -64,6 +64,8 @@ def convert(
         raise UsageError(None, f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     out = Path(output)
     _check_output(Path(src), out, force)
+    if out.is_dir() and not writes_directory(target):
+        raise UsageError(out, f"is a folder; {target} output is one file (give a file name)")
     source = open_source(src)
     try:
         adapter = decode(source, family=family)
