@@ -79,6 +79,14 @@ class AdapterModule:
         return rank_of(self.network_type, {k: v.shape for k, v in self.params.items()})
 
     @property
+    def effective_alpha(self) -> float | None:
+        """Alpha with "absent" made explicit as the rank (None for rank-less types)."""
+        if self.alpha is not None:
+            return self.alpha
+        rank = self.rank
+        return float(rank) if rank is not None else None
+
+    @property
     def scale(self) -> float:
         """alpha/rank, or the source format's own scale where kohya's rule has none
         (``extra["scale"]``: PEFT LoKr with both factors full)."""
