@@ -33,6 +33,15 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     )
 
 
+def source_path(name: str) -> Path:
+    """``fixtures/…`` or ``realworld/…`` as a path (real-world files lie beside the checkout)."""
+    if name.startswith("realworld/"):
+        if not REALWORLD.is_dir():
+            pytest.skip(f"{REALWORLD} is absent (it lies beside the checkout in CI)")
+        return REALWORLD / name.removeprefix("realworld/")
+    return ROOT / name
+
+
 @pytest.fixture
 def realworld() -> Path:
     if not REALWORLD.is_dir():

@@ -24,7 +24,7 @@ from loratool.formats.decode import decode
 from loratool.io.sources import open_source
 from loratool.model import Adapter
 from loratool.ops.convert import convert
-from tests.conftest import FIXTURES, REALWORLD, run_cli
+from tests.conftest import FIXTURES, run_cli, source_path
 
 # Every input each round trip can hold. "full": kohya → diffusers → peft → kohya;
 # "peft": kohya ↔ peft (LoHa/LoKr have no diffusers layout); "kohya": only kohya holds it.
@@ -48,17 +48,6 @@ ROUND_TRIPS: list[tuple[str, str | None, str]] = [
     ("realworld/lycoris-lokr-sd1/smart_falcon_4_lokr.safetensors", None, "kohya"),
 ]
 VERIFIED = re.compile(r"max \|ΔW difference\| = (\S+)")
-
-
-def _path(name: str) -> Path:
-    if name.startswith("realworld/"):
-        if not REALWORLD.is_dir():
-            pytest.skip(f"{REALWORLD} is absent (it lies beside the checkout in CI)")
-        return REALWORLD / name.removeprefix("realworld/")
-    path = FIXTURES.parent / name
-    if not path.exists():
-        pytest.skip(f"{path} has not been generated")
-    return path
 
 
 def _id(name: str) -> str:
@@ -123,7 +112,7 @@ def test_round_trip_is_tensor_identical(name: str, family: str | None, route: st
     """kohya → diffusers → peft → kohya (or kohya ↔ peft) gives back the same tensors,
     bit for bit, under the same kohya keys, with the same effective alpha; and every
     intermediate holds exactly the source's modules, tensors and scales."""
-    src = _path(name)
+    src = source_path(name)
     source = Snapshot(src, family)
     fam = source.adapter.family
     chain = {"full": ["kohya", "diffusers", "peft", "kohya"], "peft": ["kohya", "peft", "kohya"], "kohya": ["kohya", "kohya"]}[route]
@@ -144,7 +133,7 @@ def test_round_trip_is_tensor_identical(name: str, family: str | None, route: st
 
 def test_round_trip_detects_a_changed_tensor(tmp_path: Path) -> None:
     """The comparison above is not vacuous: one flipped bit in one tensor is caught."""
-    src = _path("fixtures/sd15_kohya_lokr.safetensors")
+    src = source_path("fixtures/sd15_kohya_lokr.safetensors")
     k1 = tmp_path / "a.safetensors"
     convert(src, "kohya", k1)
     with safe_open(k1, "pt") as f:
@@ -161,7 +150,7 @@ def test_round_trip_detects_a_changed_tensor(tmp_path: Path) -> None:
 def test_lokr_full_factors_keep_scale_one_through_peft(tmp_path: Path) -> None:
     """LoKr modules with both factors full ignore alpha in kohya (scale 1); PEFT always
     scales by alpha/r, so the PEFT config must give those modules alpha == r."""
-    src = _path("fixtures/sd15_kohya_lokr.safetensors")
+    src = source_path("fixtures/sd15_kohya_lokr.safetensors")
     source = Snapshot(src, None)
     full = {k for k, (_, _, _, params) in source.modules.items() if {"lokr_w1", "lokr_w2"} <= params.keys()}
     assert full, "the fixture has full-factor LoKr modules"
@@ -193,7 +182,7 @@ def _cli_fails(*args: str) -> str:
 
 
 def test_loha_to_diffusers_is_refused_before_writing(tmp_path: Path) -> None:
-    src = _path("fixtures/sd15_kohya_loha.safetensors")
+    src = source_path("fixtures/sd15_kohya_loha.safetensors")
     out = tmp_path / "out.safetensors"
     err = _cli_fails(str(src), "--to", "diffusers", "-o", str(out))
     assert "cannot hold LOHA" in err
@@ -204,7 +193,7 @@ def test_loha_to_diffusers_is_refused_before_writing(tmp_path: Path) -> None:
 
 def _mixed_file(tmp_path: Path) -> tuple[Path, set[str]]:
     """A kohya file with LoRA modules plus LoHa ones (LyCORIS can mix them)."""
-    lora, loha = _path("fixtures/sd15_kohya_lora.safetensors"), _path("fixtures/sd15_kohya_loha.safetensors")
+    lora, loha = source_path("fixtures/sd15_kohya_lora.safetensors"), source_path("fixtures/sd15_kohya_loha.safetensors")
     with safe_open(loha, "pt") as f:
         loha_t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     loha_modules = {k.split(".")[0] for k in loha_t}
@@ -234,14 +223,14 @@ def test_skip_unsupported_writes_the_rest_and_lists_what_was_left_out(tmp_path: 
 
 
 def test_input_axis_dora_to_peft_is_refused(tmp_path: Path) -> None:
-    src = _path("fixtures/sd15_kohya_dora_inaxis.safetensors")
+    src = source_path("fixtures/sd15_kohya_dora_inaxis.safetensors")
     err = _cli_fails(str(src), "--to", "peft", "-o", str(tmp_path / "p"))
     assert "input column" in err and "DoRA" in err
     assert _listing(tmp_path) == []
 
 
 def test_never_overwrites_without_force(tmp_path: Path) -> None:
-    src = _path("fixtures/sd15_kohya_lora.safetensors")
+    src = source_path("fixtures/sd15_kohya_lora.safetensors")
     out = tmp_path / "out.safetensors"
     out.write_bytes(b"precious")
     err = _cli_fails(str(src), "--to", "diffusers", "-o", str(out))
@@ -258,12 +247,12 @@ def test_never_overwrites_without_force(tmp_path: Path) -> None:
 
 def test_refuses_to_write_onto_the_input(tmp_path: Path) -> None:
     src = tmp_path / "in.safetensors"
-    src.write_bytes(_path("fixtures/sd15_kohya_lora.safetensors").read_bytes())
+    src.write_bytes(source_path("fixtures/sd15_kohya_lora.safetensors").read_bytes())
     before = src.read_bytes()
     err = _cli_fails(str(src), "--to", "kohya", "-o", str(src), "--force")
     assert "onto the input" in err and src.read_bytes() == before
     folder = tmp_path / "peft_in"
-    convert(_path("fixtures/sdxl_peft"), "peft", folder)
+    convert(source_path("fixtures/sdxl_peft"), "peft", folder)
     listing = _listing(folder)
     _cli_fails(str(folder), "--to", "peft", "-o", str(folder), "--force")
     _cli_fails(str(folder), "--to", "kohya", "-o", str(folder / "unet" / "x.safetensors"))
@@ -272,7 +261,7 @@ def test_refuses_to_write_onto_the_input(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("dtype", "torch_dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_dtype_cast_is_reported_and_kept_dtype_is_exact(dtype: str, torch_dtype: torch.dtype, tmp_path: Path) -> None:
-    src = _path("realworld/diffusers-sd15/pytorch_lora_weights.safetensors")  # float32
+    src = source_path("realworld/diffusers-sd15/pytorch_lora_weights.safetensors")  # float32
     with safe_open(src, "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # noqa: SIM118
     kept, _ = _cli_ok(str(src), "--to", "kohya", "-o", str(tmp_path / "kept.safetensors"))
@@ -306,7 +295,7 @@ def _autov3(path: Path) -> str:
 
 @pytest.mark.parametrize("name", ["fixtures/sd15_kohya_lora.safetensors", "fixtures/sdxl_diffusers.safetensors", "fixtures/sd15_peft_unet_dora"])
 def test_kohya_metadata_and_addnet_hash(name: str, tmp_path: Path) -> None:
-    src = _path(name)
+    src = source_path(name)
     out = tmp_path / "k.safetensors"
     _cli_ok(str(src), "--to", "kohya", "-o", str(out))
     with safe_open(out, "pt") as f:
@@ -327,7 +316,7 @@ def test_kohya_metadata_and_addnet_hash(name: str, tmp_path: Path) -> None:
 
 
 def test_ambiguous_file_needs_family_and_family_overrides(tmp_path: Path) -> None:
-    src = _path("fixtures/sd15_peft_te")  # CLIP-L layers only: SD1 and SDXL's first encoder alike
+    src = source_path("fixtures/sd15_peft_te")  # CLIP-L layers only: SD1 and SDXL's first encoder alike
     err = _cli_fails(str(src), "--to", "kohya", "-o", str(tmp_path / "a.safetensors"))
     assert "ambiguous" in err and "sd1" in err and "sdxl" in err and "--family" in err
     assert not (tmp_path / "a.safetensors").exists()
@@ -345,7 +334,7 @@ def test_verification_catches_a_dora_axis_flip(tmp_path: Path) -> None:
     [n, 1] reads as per-row DoRA. Byte equality must not pass it as identical."""
     from loratool.ops.verify import compare_adapters
 
-    src = _path("fixtures/sd15_kohya_dora_inaxis.safetensors")
+    src = source_path("fixtures/sd15_kohya_dora_inaxis.safetensors")
     with safe_open(src, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         meta = f.metadata()

@@ -37,7 +37,7 @@ from loratool.io.sources import open_source
 from loratool.model import Adapter, AdapterModule
 from loratool.networks import delta_weight, merged_weight
 from loratool.ops.convert import convert
-from tests.conftest import FIXTURES, REALWORLD
+from tests.conftest import source_path
 from tests.test_arch import TE_CONFIGS, UNET_CONFIGS
 
 ADAPTER = "oracle"
@@ -68,17 +68,6 @@ LYCORIS_SOURCES: list[tuple[str, str | None]] = [
     ("fixtures/sd15_kohya_loha.safetensors", None),
     ("fixtures/sd15_kohya_lokr.safetensors", None),
 ]
-
-
-def _path(name: str) -> Path:
-    if name.startswith("realworld/"):
-        if not REALWORLD.is_dir():
-            pytest.skip(f"{REALWORLD} is absent (it lies beside the checkout in CI)")
-        return REALWORLD / name.removeprefix("realworld/")
-    path = FIXTURES.parent / name
-    if not path.exists():
-        pytest.skip(f"{path} has not been generated")
-    return path
 
 
 def _ids(cases: list[tuple[str, str | None]]) -> list[str]:
@@ -269,7 +258,7 @@ def _load_with_diffusers(path: Path, family: str, *, kohya: bool = False) -> dic
 @pytest.mark.parametrize(("name", "family"), LORA_SOURCES + DORA_SOURCES, ids=_ids(LORA_SOURCES + DORA_SOURCES))
 def test_diffusers_loads_our_diffusers_output(name: str, family: str | None, tmp_path: Path) -> None:
     """diffusers' own loader on our diffusers file applies exactly loratool's ΔW, per module."""
-    src = _path(name)
+    src = source_path(name)
     out = _convert(src, "diffusers", tmp_path / "out.safetensors", family)
     source, handle = _decode(src, family)
     try:
@@ -300,7 +289,7 @@ def _kohya_loader_cases() -> list:
 def test_diffusers_kohya_loader_reads_our_kohya_output(name: str, family: str | None, tmp_path: Path) -> None:
     """diffusers' kohya→diffusers conversion (SGM names via the SDXL UNet config) on our
     kohya file gives, with its network alphas, exactly loratool's ΔW for every module."""
-    src = _path(name)
+    src = source_path(name)
     out = _convert(src, "kohya", tmp_path / "out.safetensors", family)
     source, handle = _decode(src, family)
     try:
@@ -312,7 +301,7 @@ def test_diffusers_kohya_loader_reads_our_kohya_output(name: str, family: str | 
 
 def test_diffusers_sees_sgm_names_in_our_sdxl_kohya_output(tmp_path: Path) -> None:
     """Our SDXL kohya UNet keys are SGM-named, as kohya writes them (FORMATS §6.2)."""
-    out = _convert(_path("fixtures/sdxl_diffusers.safetensors"), "kohya", tmp_path / "k.safetensors", None)
+    out = _convert(source_path("fixtures/sdxl_diffusers.safetensors"), "kohya", tmp_path / "k.safetensors", None)
     with safe_open(out, "pt") as f:
         unet = [k for k in f.keys() if k.startswith("lora_unet_")]  # noqa: SIM118
     assert unet
@@ -336,7 +325,7 @@ def _load_with_peft(folder: Path, family: str, components: list[str]) -> dict[tu
 
 
 def _peft_case(name: str, family: str | None, tmp_path: Path) -> None:
-    src = _path(name)
+    src = source_path(name)
     out = _convert(src, "peft", tmp_path / "peft", family)
     source, handle = _decode(src, family)
     try:
@@ -372,7 +361,7 @@ def test_peft_lokr_layout_refusal_matches_peft(tmp_path: Path) -> None:
 
     from loratool.errors import ConversionError
 
-    src = _path("realworld/lycoris-lokr-sd1/smart_falcon_4_lokr.safetensors")
+    src = source_path("realworld/lycoris-lokr-sd1/smart_falcon_4_lokr.safetensors")
     source, handle = _decode(src)
     try:
         cat = arch.get_catalog(source.family)
@@ -412,7 +401,7 @@ def test_loratool_reads_sources_as_their_own_tools_do(name: str, family: str | N
     """Before any conversion: the ΔW loratool computes from a diffusers/kohya/PEFT source
     equals what diffusers or PEFT apply when loading that same source (so the oracle tests
     above compare against the right thing)."""
-    src = _path(name)
+    src = source_path(name)
     source, handle = _decode(src, family)
     try:
         if loader == "peft":
@@ -496,7 +485,7 @@ DIFFUSERS_KOHYA_ALPHA_BUG = (
 def test_per_module_ranks_and_alphas_reach_the_oracles(name: str, target: str, tmp_path: Path) -> None:
     """Mixed ranks/alphas go through rank_pattern/alpha_pattern (diffusers, PEFT) or
     network alphas (diffusers' kohya loader) and still give loratool's ΔW everywhere."""
-    src = _resized(_path(name), tmp_path / "resized.safetensors")
+    src = _resized(source_path(name), tmp_path / "resized.safetensors")
     source, handle = _decode(src)
     try:
         assert len({m.rank for m in source.modules.values()}) == 2
@@ -635,7 +624,7 @@ def test_lycoris_loads_our_kohya_output(name: str, family: str | None, tmp_path:
     from lycoris.modules import LoConModule, get_module, make_module
     from safetensors.torch import load_file
 
-    src = _path(name)
+    src = source_path(name)
     out = _convert(src, "kohya", tmp_path / "k.safetensors", family)
     source, handle = _decode(src, family)
     try:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loratool.errors import InputError
+from loratool.io.safetensors import open_input
 
 CHUNK = 8 * 1024 * 1024
 AUTOV1_OFFSET = 0x100000
@@ -90,14 +91,7 @@ def compute_hashes(
     path: str | os.PathLike[str], progress: Callable[[int], None] | None = None
 ) -> FileHashes:
     """Hash a file in one pass with bounded memory; ``progress(n)`` gets each chunk's size."""
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed in finally
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a directory") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
+    fh = open_input(path)
     pipe = _Pipeline()
     try:
         before = os.fstat(fh.fileno())

@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from loratool.errors import InputError
 
@@ -165,24 +165,31 @@ def _check_layout(path: str | os.PathLike[str], tensors: dict[str, TensorInfo]) 
             raise _fail(path, f"tensors {name0!r} and {name1!r} overlap in the data area")
 
 
+def open_input(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a file for reading; a missing, unreadable or folder path is an InputError."""
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except OSError as exc:
+        raise _read_error(path, exc) from None
+
+
+def _read_error(path: str | os.PathLike[str], exc: OSError) -> InputError:
+    reasons = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory", PermissionError: "permission denied"}
+    return _fail(path, reasons.get(type(exc)) or f"cannot read: {exc.strerror or exc}")
+
+
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file, touching only its first bytes."""
-    try:
-        with open(path, "rb") as fh:
+    with open_input(path) as fh:
+        try:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(8)
             if len(head) == 8:
                 (n,) = struct.unpack("<Q", head)
                 if n <= MAX_HEADER_BYTES and 8 + n <= size:
                     head += fh.read(n)
-    except FileNotFoundError:
-        raise _fail(path, "no such file") from None
-    except IsADirectoryError:
-        raise _fail(path, "is a directory") from None
-    except PermissionError:
-        raise _fail(path, "permission denied") from None
-    except OSError as exc:
-        raise _fail(path, f"cannot read: {exc.strerror or exc}") from None
+        except OSError as exc:
+            raise _read_error(path, exc) from None
     header = parse_header_bytes(path, head, size)
     if not header.complete:
         end = max(t.end for t in header.tensors.values())
