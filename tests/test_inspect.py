@@ -229,3 +229,14 @@ def test_comfyui_dotted_ldm_names(tmp_path: Path) -> None:
     for key, tensor in kohya.items():
         if not key.endswith(".alpha"):
             assert torch.equal(back[key], tensor), key
+
+
+def test_family_override_that_does_not_fit_is_reported(tmp_path: Path) -> None:
+    """--family sdxl on an SD1 LoRA: names resolve, shapes do not (768-wide cross-attention)."""
+    r = inspect(FIXTURES / "sd15_kohya_lora.safetensors", family="sdxl")
+    assert r.family == "sdxl" and "--family sdxl given" in r.family_evidence
+    (warning,) = [w for w in r.warnings if "sdxl catalog" in w]
+    assert "attn2_to_k" in warning or "proj_in" in warning
+    result = run_cli("convert", str(FIXTURES / "sd15_kohya_lora.safetensors"), "--to", "diffusers", "--family", "sdxl", "-o", str(tmp_path / "x.safetensors"))
+    assert result.returncode != 0 and "no module of the sdxl catalog has this name and shape" in result.stderr
+    assert not list(tmp_path.iterdir())

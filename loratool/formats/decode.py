@@ -284,8 +284,7 @@ def _resolve(adapter: Adapter, modules: list[tuple[_Group, AdapterModule]], fami
             m.extra["target"] = spec.target
             m.extra["shape"] = spec.shape
         elif catalog is not None:
-            unresolved.append(g.module)
-            adapter.unknown_keys.extend(g.keys)
+            unresolved.append(g.module)  # kept under its own name; a warning says so
         if m.dora and m.dora_axis is None:
             m.dora_axis = dora_axis(m.params["dora_scale"].shape, _weight_shape(m))
         if m.key in adapter.modules:
@@ -296,7 +295,7 @@ def _resolve(adapter: Adapter, modules: list[tuple[_Group, AdapterModule]], fami
     adapter.unknown_keys.sort()
     if unresolved:
         shown = ", ".join(unresolved[:5]) + (", …" if len(unresolved) > 5 else "")
-        adapter.warnings.append(f"{len(unresolved)} module(s) not found in the {family} catalog: {shown}")
+        adapter.warnings.append(f"{len(unresolved)} module(s) not found in the {family} catalog (by name and shape): {shown}")
 
 
 def _weight_shape(m: AdapterModule) -> tuple[int, ...]:
@@ -308,10 +307,10 @@ def _weight_shape(m: AdapterModule) -> tuple[int, ...]:
 
 
 def _lookup(catalog: Any, g: _Group) -> Any:
-    if g.styles == {"kohya"}:
-        return catalog.resolve_kohya(g.module)
-    if g.styles == {"comfyui"}:
-        return catalog.resolve_ldm(g.module)
+    """The catalog entry for a group, by name — and only if its shapes fit that module."""
+    if g.styles in ({"kohya"}, {"comfyui"}):
+        spec = catalog.resolve_kohya(g.module) if g.styles == {"kohya"} else catalog.resolve_ldm(g.module)
+        return spec if spec is not None and _fits(spec, g) else None
     components = [g.component] if g.component else []
     if g.component in ("text_encoder", "text_encoder_2", None):
         components += [c for c in ("text_encoder", "text_encoder_2") if c not in components]

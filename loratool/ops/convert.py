@@ -127,7 +127,7 @@ def _select(adapter: Adapter, target: str, skip: bool) -> tuple[list[AdapterModu
     for m in adapter.modules.values():
         reason = unsupported_reason(target, m)
         if reason is None and not m.resolved and target != "kohya":
-            reason = f"not a module of the {adapter.family} catalog, so it has no {target} name"
+            reason = f"no module of the {adapter.family} catalog has this name and shape, so it has no {target} name"
         if reason is None:
             keep.append(m)
         else:
