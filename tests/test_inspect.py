@@ -240,3 +240,14 @@ def test_family_override_that_does_not_fit_is_reported(tmp_path: Path) -> None:
     result = run_cli("convert", str(FIXTURES / "sd15_kohya_lora.safetensors"), "--to", "diffusers", "--family", "sdxl", "-o", str(tmp_path / "x.safetensors"))
     assert result.returncode != 0 and "no module of the sdxl catalog has this name and shape" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_of_loras_is_inspected_file_by_file(tmp_path: Path) -> None:
+    for name in ("b.safetensors", "a.safetensors"):
+        (tmp_path / name).write_bytes((FIXTURES / "sd15_kohya_lokr.safetensors").read_bytes())
+    (tmp_path / "notes.txt").write_text("not a LoRA")
+    (tmp_path / "broken.safetensors").write_bytes(b"junk")
+    result = run_cli("inspect", "--json", str(tmp_path), str(FIXTURES / "sdxl_peft"))
+    assert result.returncode == 1 and result.stderr.count("error:") == 1 and "broken.safetensors" in result.stderr
+    paths = [r["path"] for r in json.loads(result.stdout)]
+    assert paths == [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), str(FIXTURES / "sdxl_peft")]

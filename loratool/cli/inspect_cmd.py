@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from loratool.errors import LoraToolError
-from loratool.ops.inspect import InspectReport, inspect
+from loratool.ops.inspect import InspectReport, expand, inspect
 
 FAMILY_CHOICES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux")
 
@@ -21,9 +21,13 @@ FAMILY_CHOICES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux")
 @click.option("--keys", is_flag=True, help="List every tensor key.")
 @click.option("--family", type=click.Choice(FAMILY_CHOICES), help="Override family detection.")
 def inspect_cmd(paths: tuple[str, ...], as_json: bool, hashes: bool, keys: bool, family: str | None) -> None:
-    """Show format, family, network types, rank, alpha and targets of LoRA files or folders."""
+    """Show format, family, network types, rank, alpha and targets of LoRA files or folders.
+
+    A folder that is not itself an adapter (PEFT/diffusers layout) stands for the LoRA
+    files directly inside it."""
     reports: list[InspectReport] = []
     failed = 0
+    paths = tuple(expand(list(paths)))
     for path in paths:
         try:
             report = inspect(path, hashes=hashes, keys=keys, family=family)

@@ -80,6 +80,14 @@ def open_source(path: str | os.PathLike[str]) -> TensorSource:
     return TensorSource(str(p), "pickle" if part.raw is None else "safetensors", [part])
 
 
+def is_adapter_dir(p: Path) -> bool:
+    """Whether a folder is one adapter (PEFT, diffusers or per-component PEFT layout)."""
+    names = (*PEFT_WEIGHTS, *DIFFUSERS_WEIGHTS)
+    return any((p / n).is_file() for n in names) or any(
+        _first_existing(p / c, PEFT_WEIGHTS) for c in COMPONENT_DIRS if (p / c).is_dir()
+    )
+
+
 def _open_dir(p: Path) -> TensorSource:
     config_path = p / PEFT_CONFIG
     weights = _first_existing(p, PEFT_WEIGHTS)

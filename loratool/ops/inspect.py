@@ -11,10 +11,11 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from loratool.formats.decode import decode
-from loratool.io.sources import open_source
+from loratool.io.sources import is_adapter_dir, open_source
 from loratool.model import Adapter
 
 # Flattened-name suffix -> target label, for modules no catalog resolved (first match wins).
@@ -34,6 +35,22 @@ TARGET_SUFFIXES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(downsamplers_0_conv|_op)$"), "downsamplers.conv"),
     (re.compile(r"upsamplers_0_conv$|output_blocks_\d+_[12]_conv$"), "upsamplers.conv"),
 ]
+
+
+ADAPTER_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def expand(paths: list[str]) -> list[str]:
+    """Paths to inspect: a folder that is not itself an adapter (no PEFT/diffusers layout)
+    stands for the LoRA files directly inside it, in name order."""
+    out: list[str] = []
+    for path in paths:
+        p = Path(path)
+        files = []
+        if p.is_dir() and not is_adapter_dir(p):
+            files = sorted(str(c) for c in p.iterdir() if c.is_file() and c.suffix.lower() in ADAPTER_SUFFIXES)
+        out.extend(files or [path])
+    return out
 
 
 def load(path: str | os.PathLike[str], family: str | None = None) -> Adapter:
