@@ -3,6 +3,11 @@
 Importing this package never imports torch; functions that need tensors import it lazily.
 """
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
 from loratool.errors import (
     ConversionError,
     InputError,
@@ -12,6 +17,9 @@ from loratool.errors import (
     UnsafeInputError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from loratool.model import Adapter
 
 __version__ = "0.1.0"
 
@@ -28,8 +36,11 @@ __all__ = [
 ]
 
 
-def load(path):  # noqa: ANN001, ANN201 - re-exported below
-    """Read a LoRA file or folder; see :func:`loratool.ops.inspect.load`."""
+def load(path: str | os.PathLike[str], family: str | None = None) -> Adapter:
+    """Read a LoRA file or folder (any supported format) into a normalised Adapter.
+
+    ``family`` overrides base-model detection. No tensor data is read until asked for.
+    """
     from loratool.ops.inspect import load as _load
 
-    return _load(path)
+    return _load(path, family=family)

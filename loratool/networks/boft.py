@@ -8,18 +8,23 @@ and undoes the permutation. With multiplier m each stage is m·R_i + (1 − m)·
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loratool.networks.base import NetworkType, Tensors, f32
 from loratool.networks.oft import cayley, constraint_of
 
+if TYPE_CHECKING:
+    from torch import Tensor
 
-def butterfly_perm(out_dim: int, k: int):  # noqa: ANN201
+
+def butterfly_perm(out_dim: int, k: int) -> Tensor:
     """Row order that makes rows ``(c, g, t)`` of stride k adjacent as ``(c, t, g)``."""
     import torch
 
     return torch.arange(out_dim).reshape(-1, 2, k).transpose(1, 2).reshape(-1)
 
 
-def merge(base, tensors: Tensors, alpha=None, multiplier: float = 1.0):  # noqa: ANN001, ANN201
+def merge(base: Tensor, tensors: Tensors, alpha: float | None = None, multiplier: float = 1.0) -> Tensor:
     import torch
 
     w0 = f32(base)
@@ -40,7 +45,7 @@ def merge(base, tensors: Tensors, alpha=None, multiplier: float = 1.0):  # noqa:
     return w
 
 
-def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     if base is None:
         raise ValueError("BOFT's ΔW depends on the base weight; pass base_weight")
     return merge(base, tensors, alpha) - f32(base)

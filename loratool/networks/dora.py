@@ -13,6 +13,10 @@ float32 eps (LyCORIS adds eps everywhere; PEFT adds none; the difference is belo
 from __future__ import annotations
 
 from math import prod
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 AXES = ("out", "in")
 
@@ -41,7 +45,7 @@ def dora_axis(dora_scale_shape: tuple[int, ...], weight_shape: tuple[int, ...]) 
     )
 
 
-def weight_norm(v, axis: str):  # noqa: ANN001, ANN201
+def weight_norm(v: Tensor, axis: str) -> Tensor:
     """L2 norm of V per output row ("out") or per input column ("in"), broadcastable to V."""
     import torch
 
@@ -54,7 +58,7 @@ def weight_norm(v, axis: str):  # noqa: ANN001, ANN201
     raise ValueError(f"DoRA axis must be one of {AXES}, got {axis!r}")
 
 
-def apply_dora(base_weight, delta, dora_scale, axis: str, multiplier: float = 1.0):  # noqa: ANN001, ANN201
+def apply_dora(base_weight: Tensor, delta: Tensor, dora_scale: Tensor, axis: str, multiplier: float = 1.0) -> Tensor:
     """Merged fp32 weight W' = V·(1 + m·(M/‖V‖ − 1)), V = W0 + delta (delta already scaled)."""
     import torch
 

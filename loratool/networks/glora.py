@@ -8,14 +8,19 @@ that ComfyUI detects as ``old_glora`` is not supported.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loratool.networks.base import NetworkType, Shapes, Tensors, f32, mat
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def rank(shapes: Shapes) -> int | None:
     return shapes["a2"][0] if "a2" in shapes else None
 
 
-def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     import torch
 
     if base is None:

@@ -8,7 +8,12 @@ PEFT's ``ia3_l`` is ``w + 1``; decoders convert.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loratool.networks.base import NetworkType, Tensors, f32
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def on_input(tensors: Tensors, base_shape: tuple[int, ...]) -> bool:
@@ -20,7 +25,7 @@ def on_input(tensors: Tensors, base_shape: tuple[int, ...]) -> bool:
     return n == base_shape[1] and n != base_shape[0]
 
 
-def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     if base is None:
         raise ValueError("IA3's ΔW depends on the base weight; pass base_weight")
     w0 = f32(base)

@@ -7,14 +7,19 @@ factor = Σ t[i, j] · w_a[i, p] · w_b[j, q]. rank = ``hada_w1_b.shape[0]``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loratool.networks.base import NetworkType, Shapes, Tensors, f32, mat
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def rank(shapes: Shapes) -> int | None:
     return shapes["hada_w1_b"][0] if "hada_w1_b" in shapes else None
 
 
-def _factor(tensors: Tensors, i: int):  # noqa: ANN202
+def _factor(tensors: Tensors, i: int) -> Tensor:
     import torch
 
     w_a, w_b = f32(tensors[f"hada_w{i}_a"]), f32(tensors[f"hada_w{i}_b"])
@@ -25,7 +30,7 @@ def _factor(tensors: Tensors, i: int):  # noqa: ANN202
     return w.reshape(w_a.shape[0], *w_b.shape[1:])
 
 
-def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     return _factor(tensors, 1) * _factor(tensors, 2) * scale
 
 

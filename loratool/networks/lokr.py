@@ -12,7 +12,12 @@ as ComfyUI/A1111 do); with both factors full there is no rank and the scale is 1
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loratool.networks.base import NetworkType, Shapes, Tensors, any_of, f32, mat
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def rank(shapes: Shapes) -> int | None:
@@ -22,13 +27,13 @@ def rank(shapes: Shapes) -> int | None:
     return None
 
 
-def _w1(tensors: Tensors):  # noqa: ANN202
+def _w1(tensors: Tensors) -> Tensor:
     if "lokr_w1" in tensors:
         return f32(tensors["lokr_w1"])
     return f32(tensors["lokr_w1_a"]) @ f32(tensors["lokr_w1_b"])
 
 
-def _w2(tensors: Tensors):  # noqa: ANN202
+def _w2(tensors: Tensors) -> Tensor:
     import torch
 
     if "lokr_w2" in tensors:
@@ -40,7 +45,7 @@ def _w2(tensors: Tensors):  # noqa: ANN202
     return w.reshape(w_a.shape[0], *w_b.shape[1:])
 
 
-def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     import torch
 
     w1, w2 = _w1(tensors), _w2(tensors)

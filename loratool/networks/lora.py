@@ -10,7 +10,12 @@ core). LoRA on 1×1 convs stays "lora": that is what kohya trains without ``conv
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loratool.networks.base import NetworkType, Shapes, Tensors, f32, kernel_size, mat
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 PARAMS = frozenset({"lora_down", "lora_up"})
 OPTIONAL = frozenset({"lora_mid", "lora_up_bias"})
@@ -25,7 +30,7 @@ def is_conv_kernel(shapes: Shapes) -> bool:
     return "lora_mid" in shapes or kernel_size(tuple(shapes.get("lora_down", ()))) > 1
 
 
-def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     import torch
 
     down, up = f32(tensors["lora_down"]), f32(tensors["lora_up"])
@@ -39,7 +44,7 @@ def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN00
     return dw.reshape(out_dim, in_dim, *down.shape[2:]) * scale
 
 
-def bias_delta(tensors: Tensors, scale: float):  # noqa: ANN201
+def bias_delta(tensors: Tensors, scale: float) -> Tensor | None:
     bias = tensors.get("lora_up_bias")
     return None if bias is None else f32(bias).reshape(-1) * scale
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loratool.networks.base import NetworkType, Tensors, any_of, f32
 
+if TYPE_CHECKING:
+    from torch import Tensor
 
-def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+
+def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     import torch
 
     if "w_norm" in tensors:
@@ -15,7 +20,7 @@ def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN00
     return torch.zeros(base.shape, dtype=torch.float32)
 
 
-def bias_delta(tensors: Tensors, scale: float):  # noqa: ANN201
+def bias_delta(tensors: Tensors, scale: float) -> Tensor | None:
     b = tensors.get("b_norm")
     return None if b is None else f32(b).reshape(-1) * scale
 

@@ -9,10 +9,15 @@ R_m = m·R + (1 − m)·I; W' = rescale · (R_mᵀ W0) blockwise over output row
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loratool.networks.base import NetworkType, Tensors, as_alpha, f32
 
+if TYPE_CHECKING:
+    from torch import Tensor
 
-def cayley(blocks, constraint: float | None):  # noqa: ANN001, ANN201
+
+def cayley(blocks: Tensor, constraint: float | None) -> Tensor:
     """R = (I + Q)(I − Q)⁻¹ for Q = B − Bᵀ, Q optionally norm-capped at ``constraint``."""
     import torch
 
@@ -31,7 +36,7 @@ def constraint_of(alpha: float | None, out_dim: int) -> float | None:
     return None if a is None or a < 0 else a * out_dim
 
 
-def merge(base, tensors: Tensors, alpha=None, multiplier: float = 1.0):  # noqa: ANN001, ANN201
+def merge(base: Tensor, tensors: Tensors, alpha: float | None = None, multiplier: float = 1.0) -> Tensor:
     import torch
 
     w0 = f32(base)
@@ -47,7 +52,7 @@ def merge(base, tensors: Tensors, alpha=None, multiplier: float = 1.0):  # noqa:
     return w
 
 
-def delta(tensors: Tensors, scale: float, base=None, alpha=None):  # noqa: ANN001, ANN201
+def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     if base is None:
         raise ValueError("OFT's ΔW depends on the base weight; pass base_weight")
     return merge(base, tensors, alpha) - f32(base)

@@ -8,8 +8,12 @@ needed; otherwise ΔW is recomputed from both sides in float32 and compared.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loratool.model import Adapter, AdapterModule
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Unit roundoff per safetensors float dtype: the tolerance of a recomputed module is
 # 8·u·max(ΔW of |factors|), a bound on what rounding the factors to u can change.
@@ -89,7 +93,7 @@ def _recompute(a: AdapterModule, b: AdapterModule) -> tuple[float, float]:
     return diff, tolerance
 
 
-def _maxdiff(x, y) -> float:  # noqa: ANN001
+def _maxdiff(x: Tensor, y: Tensor) -> float:
     return (x.float().flatten() - y.float().flatten()).abs().max().item() if x.numel() else 0.0
 
 
