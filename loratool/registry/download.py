@@ -2,8 +2,8 @@
 
 One file of one version is fetched into ``<name>.part`` beside its final name. Each attempt
 asks the registry for a fresh signed storage URL, which is fetched with a separate session
-that never carries the token. The part file is hashed as it is written (the write and the
-hash run on a worker thread while the next bytes arrive), renamed atomically only after the
+that never carries the token. The part file is hashed as it is written (the hash runs on a
+worker thread while the next bytes arrive and are written), renamed atomically only after the
 size and the registry's SHA256 match, and deleted on a hash mismatch.
 """
 
@@ -291,12 +291,13 @@ class _Download:
         return True
 
     def _stream(self, resp: requests.Response, fh: BinaryIO) -> None:
-        """Read the body; each chunk is hashed on one worker and written on another while the
-        next chunk arrives (at most ``DEPTH`` chunks in flight: bounded memory)."""
+        """Read the body and write each chunk; the hash runs on a worker thread while the
+        next chunk arrives (at most ``DEPTH`` chunks in flight: bounded memory). Writing in
+        the reading thread costs a page-cache copy; a second worker only added hand-offs."""
         fh.seek(self.offset)
-        pending: list[tuple[Future[None], Future[int]]] = []
+        pending: list[Future[None]] = []
         first = b"" if self.offset == 0 and self.check_header else None
-        with ThreadPoolExecutor(1, "loratool-sha") as hash_pool, ThreadPoolExecutor(1, "loratool-io") as io_pool:
+        with ThreadPoolExecutor(1, "loratool-sha") as hash_pool:
             try:
                 for chunk in resp.raw.stream(CHUNK, decode_content=False):
                     if first is not None:
@@ -305,37 +306,30 @@ class _Download:
                             continue
                         self._check_prefix(first)
                         chunk, first = first, None
-                    pending.append((hash_pool.submit(self.hasher.update, chunk), io_pool.submit(self._write, fh, chunk)))
+                    pending.append(hash_pool.submit(self.hasher.update, chunk))
+                    self._write(fh, chunk)
                     if len(pending) > DEPTH:
-                        self._settle(pending.pop(0))
+                        pending.pop(0).result()
                     self.offset += len(chunk)
                     self.transferred += len(chunk)
                     self.progress.advance(len(chunk))
                 if first is not None and first:
                     self._check_prefix(first)
             finally:
-                for pair in pending:
-                    self._settle(pair)
+                for fut in pending:
+                    fut.result()
 
-    def _write(self, fh: BinaryIO, chunk: bytes) -> int:
+    def _write(self, fh: BinaryIO, chunk: bytes) -> None:
         """Write a chunk; every ``WRITEBACK`` bytes, start the kernel's writeback of what is
         written so the final fsync has little left to do (and the page cache stays small)."""
-        n = fh.write(chunk)
-        end = fh.tell()
-        if end - self.synced >= WRITEBACK:
-            fh.flush()
-            with contextlib.suppress(OSError, AttributeError):
-                os.posix_fadvise(fh.fileno(), self.synced, end - self.synced, os.POSIX_FADV_DONTNEED)
-            self.synced = end
-        return n
-
-    def _settle(self, pair: tuple[Future[None], Future[int]]) -> None:
-        pair[0].result()
-        self._disk(pair[1])
-
-    def _disk(self, fut: Future[int]) -> None:
         try:
-            fut.result()
+            fh.write(chunk)
+            end = fh.tell()
+            if end - self.synced >= WRITEBACK:
+                fh.flush()
+                with contextlib.suppress(OSError, AttributeError):
+                    os.posix_fadvise(fh.fileno(), self.synced, end - self.synced, os.POSIX_FADV_DONTNEED)
+                self.synced = end
         except OSError as exc:
             raise RegistryError(self.final, f"cannot write: {exc.strerror or exc}; partial data kept in "
                                             f"{self.part.name}") from None
