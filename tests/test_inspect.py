@@ -132,6 +132,10 @@ def _lora_pair(name: str, out_f: int, in_f: int, r: int = 2, conv: bool = False)
     return {f"{name}.lora_down.weight": {"dtype": "F16", "shape": down}, f"{name}.lora_up.weight": {"dtype": "F16", "shape": up}}
 
 
+def _peft_pair(name: str, out_f: int, in_f: int, r: int = 2) -> dict[str, dict]:
+    return {f"{name}.lora_A.weight": {"dtype": "F16", "shape": [r, in_f]}, f"{name}.lora_B.weight": {"dtype": "F16", "shape": [out_f, r]}}
+
+
 def _write(tmp_path: Path, name: str, entries: dict[str, dict]) -> Path:
     header, offset = {}, 0
     for key, e in entries.items():
@@ -157,6 +161,12 @@ def _write(tmp_path: Path, name: str, entries: dict[str, dict]) -> Path:
         ({**_lora_pair("lora_unet_double_blocks_0_img_attn_qkv", 9216, 3072),
           **_lora_pair("lora_unet_single_blocks_0_linear1", 21504, 3072)}, "flux"),
         ({**_lora_pair("lora_unet_joint_blocks_0_x_block_attn_qkv", 4608, 1536)}, "sd3"),
+        # The same two families as diffusers' PEFT-style keys.
+        ({**_peft_pair("transformer.transformer_blocks.0.attn.to_q", 3072, 3072),
+          **_peft_pair("transformer.transformer_blocks.0.attn.add_q_proj", 3072, 3072),
+          **_peft_pair("transformer.single_transformer_blocks.0.proj_mlp", 12288, 3072)}, "flux"),
+        ({**_peft_pair("transformer.transformer_blocks.0.attn.to_q", 1536, 1536),
+          **_peft_pair("transformer.transformer_blocks.0.attn.add_q_proj", 1536, 1536)}, "sd3"),
     ],
 )
 def test_family_from_structure(tmp_path: Path, entries: dict, family: str) -> None:
