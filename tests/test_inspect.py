@@ -261,3 +261,24 @@ def test_a_folder_of_loras_is_inspected_file_by_file(tmp_path: Path) -> None:
     assert result.returncode == 1 and result.stderr.count("error:") == 1 and "broken.safetensors" in result.stderr
     paths = [r["path"] for r in json.loads(result.stdout)]
     assert paths == [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), str(FIXTURES / "sdxl_peft")]
+
+
+def test_legacy_pickle_inputs_read_and_convert(tmp_path: Path) -> None:
+    """A PEFT folder with adapter_model.bin and a kohya .pt both go through weights_only
+    loading, inspect like their safetensors twins, and convert with verification."""
+    import shutil
+
+    peft = tmp_path / "peft_bin"
+    peft.mkdir()
+    shutil.copy(FIXTURES / "sd15_peft_te" / "adapter_config.json", peft)
+    torch.save(load_file(str(FIXTURES / "sd15_peft_te" / "adapter_model.safetensors")), peft / "adapter_model.bin")
+    a, b = inspect(peft), inspect(FIXTURES / "sd15_peft_te")
+    assert (a.format, a.modules, a.rank, a.alpha, a.targets) == (b.format, b.modules, b.rank, b.alpha, b.targets)
+
+    pt = tmp_path / "lora.pt"
+    torch.save(load_file(str(FIXTURES / "sdxl_kohya_lora.safetensors")), pt)
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", str(pt), "--to", "diffusers", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "max |ΔW difference| = 0 " in result.stdout
+    assert inspect(out).modules == inspect(FIXTURES / "sdxl_kohya_lora.safetensors").modules
