@@ -10,6 +10,7 @@ core). LoRA on 1×1 convs stays "lora": that is what kohya trains without ``conv
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from loratool.networks.base import NetworkType, Shapes, Tensors, f32, kernel_size, mat
@@ -61,14 +62,9 @@ LORA = NetworkType(
     doc="LoRA: ΔW = up @ down",
 )
 
-LOCON = NetworkType(
+LOCON = replace(
+    LORA,
     name="locon",
-    required=PARAMS,
-    optional=OPTIONAL,
-    rank=rank,
-    uses_alpha=True,
-    delta=delta,
-    bias_delta=bias_delta,
     accepts=is_conv_kernel,
     doc="LoCon: LoRA on a conv with kernel > 1 (optionally Tucker lora_mid)",
 )
