@@ -48,7 +48,8 @@ def test_fixture_matches_manifest(name: str) -> None:
 def test_realworld_answers_from_its_readme(realworld: Path) -> None:
     attn = inspect(realworld / "diffusers-attnproc-sd1/pytorch_lora_weights.safetensors", keys=True)
     assert (attn.format, attn.family, attn.network_types) == ("diffusers", "sd1", ["lora"])
-    assert "attn-processor" in attn.variant and len(attn.keys) == 256 and attn.modules == 128
+    assert "attn-processor" in attn.variant and "no-prefix" in attn.variant  # README: no `unet.` prefix
+    assert len(attn.keys) == 256 and attn.modules == 128
     assert attn.rank == {"min": 4, "max": 4} and attn.dtypes == ["F32"] and attn.metadata == {"format": "pt"}
     assert attn.components == {"unet": 128}
     assert set(attn.targets) == {f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")}

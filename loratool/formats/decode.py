@@ -69,6 +69,7 @@ class _Group:
     styles: set[str] = field(default_factory=set)
     params: dict[str, TensorRef] = field(default_factory=dict)
     keys: list[str] = field(default_factory=list)
+    prefixed: bool = True
 
 
 def decode(source: TensorSource, family: str | None = None) -> Adapter:
@@ -116,6 +117,7 @@ def _group_keys(source: TensorSource) -> tuple[dict[tuple[str | None, str], _Gro
                 unparsed.append(key)  # the same parameter spelled twice
                 continue
             g.styles.add(parsed.style)
+            g.prefixed = g.prefixed and parsed.prefixed
             g.params[parsed.param] = TensorRef(
                 key, entry.dtype, entry.shape, part.get, part.raw,
                 None if entry.offset is None else (part.path, entry.offset),
@@ -138,7 +140,8 @@ def _parse(key: str, default_component: str | None) -> ParsedKey | None:
             return ParsedKey(comfy_component, parsed.module, parsed.param, "comfyui")
     if component is None:
         component = next((c for p, c in PATH_COMPONENT if p.match(parsed.module + ".")), None)
-    return ParsedKey(component, parsed.module, parsed.param, parsed.style)
+        return ParsedKey(component, parsed.module, parsed.param, parsed.style, prefixed=False)
+    return parsed
 
 
 def _default_component(part: Part) -> str | None:
@@ -172,7 +175,7 @@ def _variant(fmt: str, groups: dict[Any, _Group], metadata: dict[str, str]) -> s
             parts.append("lycoris")
     elif fmt in ("diffusers", "comfyui", "peft"):
         parts.extend(sorted({STYLE_LABEL.get(s, s) for s in styles if s != "comfyui"}))
-        if fmt == "diffusers" and not any(g.component for g in groups.values()):
+        if fmt == "diffusers" and not any(g.prefixed for g in groups.values()):
             parts.append("no-prefix")
     return ", ".join(p for p in parts if p)
 

@@ -55,6 +55,7 @@ class ParsedKey:
     module: str
     param: str
     style: str
+    prefixed: bool = True  # False: the component was inferred, the key names none
 
 
 def parse_kohya(key: str) -> ParsedKey | None:
