@@ -180,11 +180,12 @@ def write_safetensors(
         # "r+b" on the (new, empty) temp file: truncating with "w" would make ext4 start
         # writeback on close (its auto_da_alloc heuristic), stalling here for nothing.
         mode = "r+b" if os.path.exists(path) and os.path.getsize(path) == 0 else "wb+"
-        with open(path, mode) as fh:
+        with open(path, mode) as fh, _EarlyFlush(fh.fileno()) as early:
             fh.write(len(header).to_bytes(8, "little"))
             fh.write(header)
             pos = 8 + len(header)
             for run in _runs(tensors, copyable=digest is None):
+                early.written(pos)
                 if isinstance(run, tuple):  # (file, offset, n): contiguous stored bytes
                     fh.flush()
                     _copy_range(sources, run, fh.fileno(), pos)
@@ -202,6 +203,43 @@ def write_safetensors(
         for fd in sources.values():
             os.close(fd)
     return digest.hexdigest() if digest is not None else ""
+
+
+class _EarlyFlush:
+    """Flush what is already written to disk in a background thread while the rest is
+    still being written, so the fsync before the rename has only the tail left."""
+
+    EVERY = 128 * 1024 * 1024
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.flushed = 0
+        self.wake = threading.Event()
+        self.done = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _EarlyFlush:
+        self.thread.start()
+        return self
+
+    def written(self, pos: int) -> None:
+        if pos - self.flushed >= self.EVERY:
+            self.flushed = pos
+            self.wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if self.done:
+                return
+            with contextlib.suppress(OSError):
+                os.fdatasync(self.fd)
+
+    def __exit__(self, *exc: object) -> None:
+        self.done = True
+        self.wake.set()
+        self.thread.join()
 
 
 def _runs(tensors: list[OutTensor], copyable: bool) -> Iterator[OutTensor | tuple[str, int, int]]:

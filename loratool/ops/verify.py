@@ -7,6 +7,7 @@ needed; otherwise ΔW is recomputed from both sides in float32 and compared.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,14 +34,17 @@ class CompareReport:
 def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> CompareReport:
     """How far ``out`` is from ``source_modules``; fills ``missing`` for absent modules."""
     report = CompareReport()
-    for m in source_modules:
-        o = out.modules.get(m.key)
+    pairs = [(m, out.modules.get(m.key)) for m in source_modules]
+    # Byte comparison is reading (pread releases the GIL): two threads keep both CPUs busy.
+    with ThreadPoolExecutor(2) as pool:
+        same = list(pool.map(lambda pair: pair[1] is not None and _same_bytes(*pair), pairs))
+    for (m, o), identical in zip(pairs, same):
         # A DoRA magnitude read on the other axis is another module, even with the same
         # bytes (a square layer's [1, n] and [n, 1] hold the same data).
         if o is None or o.network_type != m.network_type or o.dora_axis != m.dora_axis:
             report.missing.append(str(m.key))
             continue
-        if _same_bytes(m, o):
+        if identical:
             report.identical += 1
             continue
         diff, tolerance = _recompute(m, o)
