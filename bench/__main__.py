@@ -6,6 +6,7 @@ Usage: ``python -m bench [NAME...]`` (default: all). Scratch data goes to ``benc
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 
@@ -33,6 +34,7 @@ def main(argv: list[str]) -> int:
             print(f"== {name}: not present yet")
             continue
         print(f"== {name}")
+        os.sync()  # start each benchmark with no writeback of the previous one in flight
         t0 = time.perf_counter()
         module.run()
         print(f"   ({time.perf_counter() - t0:.1f} s)")
