@@ -280,7 +280,7 @@ def _resolve(adapter: Adapter, modules: list[tuple[_Group, AdapterModule]], fami
     catalog = arch.get_catalog(family) if family in arch.FAMILIES else None
     unresolved: list[str] = []
     for g, m in modules:
-        spec = _lookup(catalog, g) if catalog is not None else None
+        spec = _lookup(catalog, g, m) if catalog is not None else None
         if spec is not None:
             m.key = ModuleKey(spec.component, spec.path)
             m.resolved = True
@@ -309,27 +309,24 @@ def _weight_shape(m: AdapterModule) -> tuple[int, ...]:
     return (out_f or 0, in_f or 0)
 
 
-def _lookup(catalog: Any, g: _Group) -> Any:
+def _lookup(catalog: Any, g: _Group, m: AdapterModule) -> Any:
     """The catalog entry for a group, by name — and only if its shapes fit that module."""
     if g.styles in ({"kohya"}, {"comfyui"}):
         spec = catalog.resolve_kohya(g.module) if g.styles == {"kohya"} else catalog.resolve_ldm(g.module)
-        return spec if spec is not None and _fits(spec, g) else None
+        return spec if spec is not None and _fits(spec, m) else None
     components = [g.component] if g.component else []
     if g.component in ("text_encoder", "text_encoder_2", None):
         components += [c for c in ("text_encoder", "text_encoder_2") if c not in components]
     for component in components:
         spec = catalog.get(component, g.module)
-        if spec is not None and _fits(spec, g):
+        if spec is not None and _fits(spec, m):
             return spec
     return None
 
 
-def _fits(spec: Any, g: _Group) -> bool:
+def _fits(spec: Any, m: AdapterModule) -> bool:
     """Whether the adapter's weight in/out features agree with the catalog's shape."""
-
-    shapes = {k: v.shape for k, v in g.params.items()}
-    ntype = classify(set(shapes) - SIDE_PARAMS, shapes)
-    out_f, in_f = weight_io(ntype, shapes) if ntype else (None, None)
+    out_f, in_f = weight_io(m.network_type, {k: v.shape for k, v in m.params.items()})
     if out_f is None or in_f is None or len(spec.shape) < 2:
         return True
     per_in = spec.shape[1] * (spec.shape[2] * spec.shape[3] if len(spec.shape) == 4 else 1)
