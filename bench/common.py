@@ -17,18 +17,6 @@ def scratch() -> Path:
     return DATA
 
 
-def drop_page_cache_hint(path: Path) -> None:
-    """Ask the kernel to forget a file's cached pages (best effort; no root needed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError):
-        pass
-
-
 def run_measured(argv: list[str]) -> tuple[float, int]:
     """Wall time and peak RSS (bytes) of one child process, measured with wait4."""
     t0 = time.perf_counter()
@@ -49,8 +37,3 @@ def best_of(argv: list[str], repeat: int = 3) -> tuple[float, int]:
 
 def python_argv(code: str) -> list[str]:
     return [sys.executable, "-c", code]
-
-
-def fmt_ratio(name: str, ours: float, peer: float, unit: str = "s") -> str:
-    return f"   {name}: loratool {ours:.3f} {unit} vs {peer:.3f} {unit} -> ratio {peer / ours:.2f}x"
-

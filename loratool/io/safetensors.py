@@ -11,7 +11,6 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from loratool.errors import InputError
@@ -289,7 +288,3 @@ def is_safetensors_prefix(prefix: bytes, total_size: int | None = None) -> bool:
     if n == 0 or n > MAX_HEADER_BYTES or (total_size is not None and 8 + n > total_size):
         return False
     return prefix[8:9] == b"{"
-
-
-def file_size(path: str | os.PathLike[str]) -> int:
-    return Path(path).stat().st_size
