@@ -114,3 +114,7 @@ class Adapter:
     unknown_keys: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     complete: bool = True
+    # Modules whose keys were recognised but whose values cannot be used (shapes that do
+    # not fit together, integer factors, an alpha that is NaN/Inf or beyond float32…):
+    # source module name -> why. They are not in ``modules``.
+    invalid_modules: dict[str, str] = field(default_factory=dict)

@@ -22,6 +22,7 @@ DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64"
 CONTRACT = {
     "path", "format", "variant", "family", "family_evidence", "network_types", "components", "modules",
     "rank", "alpha", "targets", "dtypes", "metadata", "complete", "warnings", "unknown_keys",
+    "invalid_modules",
 }
 
 

@@ -42,7 +42,7 @@ def inspect_cmd(paths: tuple[str, ...], as_json: bool, hashes: bool, keys: bool,
         payload: Any = [r.to_json() for r in reports]
         if len(paths) == 1 and reports:
             payload = payload[0]
-        json.dump(payload, sys.stdout, indent=2)
+        json.dump(payload, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     if failed:
         sys.exit(1)
@@ -70,7 +70,7 @@ def render(r: InspectReport) -> None:
         table.add_row("metadata", f"{len(r.metadata)} keys" + (": " + ", ".join(shown) if shown else ""))
     table.add_row("complete", "yes" if r.complete else "[yellow]no[/yellow]")
     if r.hashes:
-        table.add_row("hashes", ", ".join(f"{k}={v}" for k, v in r.hashes.items() if not isinstance(v, dict)) or json.dumps(r.hashes))
+        table.add_row("hashes", ", ".join(f"{k}={v}" for k, v in r.hashes.items() if not isinstance(v, dict)) or json.dumps(r.hashes, allow_nan=False))
     for w in r.warnings:
         table.add_row("[yellow]warning[/yellow]", w)
     if r.unknown_keys:

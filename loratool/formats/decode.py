@@ -7,6 +7,7 @@ Nothing here loads tensor data except the tiny ``alpha`` scalars.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from collections import Counter
@@ -14,14 +15,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loratool import arch
-from loratool.errors import NotAnAdapterError, UsageError
+from loratool.errors import InputError, NotAnAdapterError, UsageError
 from loratool.formats.family import ALL_FAMILIES, ModuleShape, detect_family
 from loratool.formats.keys import ParsedKey, kohya_prefix, parse_dotted, parse_kohya
-from loratool.formats.peft_config import configs_from_diffusers_metadata, kohya_alpha, peft_scale
+from loratool.formats.peft_config import (
+    BARE_METADATA,
+    LORA_ADAPTER_METADATA_KEY,
+    configs_from_diffusers_metadata,
+    kohya_alpha,
+    peft_scale,
+)
 from loratool.formats.weight_shape import weight_io
 from loratool.io.sources import Part, TensorSource
 from loratool.model import Adapter, AdapterModule, ModuleKey, TensorRef
-from loratool.networks import classify, dora_axis, rank_of
+from loratool.networks import (
+    NETWORK_TYPES,
+    classify,
+    dora_axis,
+    fits_weight,
+    invalid_shapes,
+    rank_of,
+)
+from loratool.networks.ia3 import axis_fits as ia3_axis_fits
 
 PEFT_PREFIX = "base_model.model."
 # ComfyUI dotted LDM prefixes -> component; text encoders by ComfyUI's clip names.
@@ -48,6 +63,12 @@ PATH_COMPONENT: list[tuple[re.Pattern[str], str]] = [
 ]
 # Parameters that never decide a network type on their own.
 SIDE_PARAMS = frozenset({"alpha", "dora_scale", "scale"})
+# Storage dtypes of tensors that hold weights (factors, diffs, DoRA magnitudes).
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# Parameters that hold a number or a flag rather than weights: any numeric dtype.
+SCALAR_PARAMS = frozenset({"alpha", "on_input"})
+# Largest finite float32: alpha is written and computed as float32.
+F32_MAX = 3.4028234663852886e38
 # Style -> variant label for inspect.
 STYLE_LABEL: dict[str, str] = {
     "diffusers-attnproc": "attn-processor",
@@ -59,6 +80,18 @@ STYLE_LABEL: dict[str, str] = {
     "peft-dora": "lora_A/lora_B",
     "lycoris-dotted": "kohya-suffixes",
 }
+
+
+class _Invalid(Exception):
+    """A module whose values cannot be used; the message says why."""
+
+
+@dataclass
+class _Config:
+    """A PEFT-style config and where it was read (adapter_config.json or lora_adapter_metadata)."""
+
+    data: dict[str, Any]
+    origin: str
 
 
 @dataclass
@@ -80,7 +113,10 @@ def decode(source: TensorSource, family: str | None = None) -> Adapter:
     fmt = _format_of(source, groups)
     metadata = _merged_metadata(source)
     configs = _configs(source)
-    modules, unclassified = _classify(groups, fmt, configs)
+    modules, unclassified, invalid = _classify(groups, fmt, configs)
+    if not modules and invalid:
+        name, why = next(iter(invalid.items()))
+        raise InputError(source.path, f"no usable module: {len(invalid)} invalid, e.g. {name}: {why}")
     if not modules:
         raise NotAnAdapterError(source.path, _no_adapter_message(source, unparsed))
     shapes = [_module_shape(g, m) for g, m in modules]
@@ -92,13 +128,19 @@ def decode(source: TensorSource, family: str | None = None) -> Adapter:
         family_evidence=evidence, modules={}, metadata=metadata,
         config=source.parts[0].config if len(source.parts) == 1 else None,
         unknown_keys=sorted(unparsed + [k for g in unclassified for k in g.keys]),
-        warnings=list(verdict.warnings),
+        warnings=list(verdict.warnings) + _metadata_warnings(groups, configs),
+        invalid_modules=invalid,
     )
     if unclassified:
         adapter.complete = False
         names = ", ".join(sorted({g.module for g in unclassified})[:5])
         adapter.warnings.append(f"{len(unclassified)} module(s) with an incomplete or unknown parameter set: {names}")
     _resolve(adapter, modules, chosen)
+    if adapter.invalid_modules:
+        adapter.complete = False
+        shown = "; ".join(f"{n} ({why})" for n, why in list(adapter.invalid_modules.items())[:3])
+        more = ", …" if len(adapter.invalid_modules) > 3 else ""
+        adapter.warnings.append(f"{len(adapter.invalid_modules)} invalid module(s) left out: {shown}{more}")
     return adapter
 
 
@@ -187,31 +229,49 @@ def _merged_metadata(source: TensorSource) -> dict[str, str]:
     return merged
 
 
-def _configs(source: TensorSource) -> dict[str | None, dict[str, Any]]:
-    """Per-component PEFT-style configs: adapter_config.json or diffusers header metadata."""
-    configs: dict[str | None, dict[str, Any]] = {}
+def _configs(source: TensorSource) -> dict[str | None, _Config]:
+    """Per-component PEFT-style configs: adapter_config.json or diffusers header metadata
+    (key None: a config for the keys that name no component, e.g. diffusers'
+    ``save_lora_adapter`` metadata without a component prefix)."""
+    configs: dict[str | None, _Config] = {}
     for part in source.parts:
         if part.config is not None:
-            configs[part.component or _default_component(part)] = part.config
+            configs[part.component or _default_component(part)] = _Config(part.config, "adapter_config.json")
         for component, cfg in configs_from_diffusers_metadata(part.metadata).items():
-            configs[component] = cfg
+            configs[None if component == BARE_METADATA else component] = _Config(cfg, LORA_ADAPTER_METADATA_KEY)
     return configs
 
 
-def _config_hints(configs: dict[str | None, dict[str, Any]]) -> dict[str, str]:
+def _metadata_warnings(groups: dict[Any, _Group], configs: dict[str | None, _Config]) -> list[str]:
+    """diffusers metadata without a component prefix: read as diffusers' model loader reads
+    it, and say that diffusers' pipeline loader does not."""
+    bare = configs.get(None)
+    if bare is None or bare.origin != LORA_ADAPTER_METADATA_KEY:
+        return []
+    unprefixed = any(not g.prefixed for g in groups.values())
+    loads = "loads none of the keys (they name no component)" if unprefixed else "does not use it (it reads 'unet.'-prefixed fields)"
+    return [
+        f"{LORA_ADAPTER_METADATA_KEY} has no component prefix (as diffusers' save_lora_adapter writes it): read "
+        f"as UNet2DConditionModel.load_lora_adapter(prefix=None) reads it; diffusers' pipeline load_lora_weights {loads}; "
+        "convert --to diffusers writes the prefixed form the pipeline reads"
+    ]
+
+
+def _config_hints(configs: dict[str | None, _Config]) -> dict[str, str]:
     for cfg in configs.values():
-        base = cfg.get("base_model_name_or_path")
+        base = cfg.data.get("base_model_name_or_path")
         if isinstance(base, str) and base:
             return {"base_model_name_or_path": base}
     return {}
 
 
 def _classify(
-    groups: dict[Any, _Group], fmt: str, configs: dict[str | None, dict[str, Any]]
-) -> tuple[list[tuple[_Group, AdapterModule]], list[_Group]]:
-
+    groups: dict[Any, _Group], fmt: str, configs: dict[str | None, _Config]
+) -> tuple[list[tuple[_Group, AdapterModule]], list[_Group], dict[str, str]]:
+    """(modules, groups of no known type, {module: why} for modules whose values are unusable)."""
     modules: list[tuple[_Group, AdapterModule]] = []
     unclassified: list[_Group] = []
+    invalid: dict[str, str] = {}
     for g in groups.values():
         shapes = {k: v.shape for k, v in g.params.items()}
         kinds = set(shapes) - SIDE_PARAMS
@@ -219,39 +279,101 @@ def _classify(
         if ntype is None:
             unclassified.append(g)
             continue
-        alpha = _alpha(g, configs, ntype, rank_of(ntype, shapes))
-        params = {k: v for k, v in g.params.items() if k != "alpha"}
-        module = AdapterModule(
-            key=ModuleKey(g.component or "unknown", g.module), params=params, network_type=ntype,
-            alpha=alpha, source_name=g.module,
-            dora_axis="out" if "peft-dora" in g.styles else None,
-        )
-        if "alpha" in g.params:
-            module.extra["alpha_dtype"] = g.params["alpha"].dtype
-        config = _config_for(g, configs)
-        if config is not None and rank_of(ntype, shapes) is None and ntype == "lokr":
-            # Both LoKr factors full: kohya's scale is 1 and ignores alpha, PEFT's is alpha/r.
-            module.extra["scale"] = peft_scale(config, g.module)
-        modules.append((g, module))
-    return modules, unclassified
+        try:
+            modules.append((g, _module(g, ntype, shapes, configs)))
+        except _Invalid as exc:
+            invalid[g.module] = str(exc)
+    return modules, unclassified, invalid
 
 
-def _alpha(g: _Group, configs: dict[str | None, dict[str, Any]], ntype: str, rank: int | None) -> float | None:
-    ref = g.params.get("alpha")
-    if ref is not None:
-        value = g.part.scalar(ref.key)
+def _module(g: _Group, ntype: str, shapes: dict[str, tuple[int, ...]], configs: dict[str | None, _Config]) -> AdapterModule:
+    """The module of a classified group; raises :class:`_Invalid` when its values cannot be used."""
+    why = _invalid_values(g, ntype, shapes)
+    if why:
+        raise _Invalid(why)
+    rank = rank_of(ntype, shapes)
+    alpha, alpha_source = _alpha(g, configs, rank)
+    params = {k: v for k, v in g.params.items() if k != "alpha"}
+    module = AdapterModule(
+        key=ModuleKey(g.component or "unknown", g.module), params=params, network_type=ntype,
+        alpha=alpha, source_name=g.module,
+        dora_axis="out" if "peft-dora" in g.styles else None,
+    )
+    module.extra["styles"] = sorted(g.styles)
+    if alpha_source:
+        module.extra["alpha_source"] = alpha_source
+    if "alpha" in g.params:
+        module.extra["alpha_dtype"] = g.params["alpha"].dtype
+    if "on_input" in g.params:
+        module.extra["on_input"] = bool(_scalar(g, "on_input"))
+    config = _config_for(g, configs)
+    if config is not None and rank is None and ntype == "lokr":
+        # Both LoKr factors full: kohya's scale is 1 and ignores alpha, PEFT's is alpha/r.
+        try:
+            module.extra["scale"] = _finite(peft_scale(config.data, g.module), "scale")
+        except (TypeError, ValueError) as exc:
+            raise _Invalid(f"{config.origin}: {exc}") from None
+    return module
+
+
+def _invalid_values(g: _Group, ntype: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a module's stored tensors cannot be used: dtypes, element counts, shapes."""
+    for name, ref in g.params.items():
+        if name in SCALAR_PARAMS:
+            n = math.prod(ref.shape)
+            if n != 1:
+                return f"{name} holds {n} values, not one"
+            if name == "alpha" and ref.dtype == "BOOL":
+                return "alpha is a boolean"
+        elif ref.dtype not in FLOAT_DTYPES:
+            return f"{name} is stored as {ref.dtype}; weights must be floating point"
+    if "dora_scale" in shapes:
+        if len(shapes["dora_scale"]) > 4 or 0 in shapes["dora_scale"]:
+            return f"dora_scale has shape {list(shapes['dora_scale'])}"
+        if NETWORK_TYPES[ntype].merge is not None:
+            return f"DoRA is not defined for {ntype.upper()}"
+    return invalid_shapes(ntype, shapes)
+
+
+def _scalar(g: _Group, name: str) -> float:
+    try:
+        return g.part.scalar(g.params[name].key)
+    except (ValueError, struct.error) as exc:  # a dtype or byte count that does not decode
+        raise _Invalid(f"{name} cannot be read: {exc}") from None
+
+
+def _finite(value: float, what: str) -> float:
+    """``value`` if it is a finite float32; else the module is invalid."""
+    if not math.isfinite(value):
+        raise _Invalid(f"{what} is {value}")
+    if abs(value) > F32_MAX:
+        raise _Invalid(f"{what} {value:g} is beyond float32 range")
+    return value
+
+
+def _alpha(g: _Group, configs: dict[str | None, _Config], rank: int | None) -> tuple[float | None, str | None]:
+    """(kohya-convention alpha, where it came from): the module's alpha tensor, else its config."""
+    if "alpha" in g.params:
+        value = _finite(_scalar(g, "alpha"), "alpha")
         value = struct.unpack("<f", struct.pack("<f", value))[0]  # read as float32
-        return value or None  # 0 means absent
+        return (value or None), "tensor"  # 0 means absent
     config = _config_for(g, configs)
     if config is None:
-        return None
-    return kohya_alpha(config, g.module, rank)
+        return None, None
+    try:
+        alpha = kohya_alpha(config.data, g.module, rank)
+    except (TypeError, ValueError) as exc:
+        raise _Invalid(f"{config.origin}: {exc}") from None
+    return (None if alpha is None else _finite(alpha, f"alpha ({config.origin})")), config.origin
 
 
-def _config_for(g: _Group, configs: dict[str | None, dict[str, Any]]) -> dict[str, Any] | None:
+def _config_for(g: _Group, configs: dict[str | None, _Config]) -> _Config | None:
     if "alpha" in g.params:  # an alpha tensor: the file speaks kohya's convention
         return None
-    return configs.get(g.component) or (next(iter(configs.values())) if len(configs) == 1 else None)
+    config = configs.get(g.component)
+    if config is None and not g.prefixed:
+        config = configs.get(None)
+    return config or (next(iter(configs.values())) if len(configs) == 1 else None)
 
 
 def _flat(g: _Group) -> str:
@@ -288,8 +410,11 @@ def _resolve(adapter: Adapter, modules: list[tuple[_Group, AdapterModule]], fami
             m.extra["shape"] = spec.shape
         elif catalog is not None:
             unresolved.append(g.module)  # kept under its own name; a warning says so
-        if m.dora and m.dora_axis is None:
-            m.dora_axis = dora_axis(m.params["dora_scale"].shape, _weight_shape(m))
+        if m.dora:
+            why = _dora_problem(m)
+            if why:
+                adapter.invalid_modules[g.module] = why
+                continue
         if m.key in adapter.modules:
             adapter.warnings.append(f"{m.key} appears twice (as {adapter.modules[m.key].source_name} and {g.module}); the second was dropped")
             adapter.unknown_keys.extend(g.keys)
@@ -299,6 +424,19 @@ def _resolve(adapter: Adapter, modules: list[tuple[_Group, AdapterModule]], fami
     if unresolved:
         shown = ", ".join(unresolved[:5]) + (", …" if len(unresolved) > 5 else "")
         adapter.warnings.append(f"{len(unresolved)} module(s) not found in the {family} catalog (by name and shape): {shown}")
+
+
+def _dora_problem(m: AdapterModule) -> str | None:
+    """Why the module's ``dora_scale`` fits no axis of its weight (sets the axis when it fits)."""
+    shape, weight = m.params["dora_scale"].shape, _weight_shape(m)
+    if m.dora_axis is None:
+        try:
+            m.dora_axis = dora_axis(shape, weight)
+        except ValueError as exc:
+            return str(exc)
+    elif math.prod(shape) != weight[0]:
+        return f"dora_scale of shape {list(shape)} does not hold one magnitude per {weight[0]} rows"
+    return None
 
 
 def _weight_shape(m: AdapterModule) -> tuple[int, ...]:
@@ -325,12 +463,14 @@ def _lookup(catalog: Any, g: _Group, m: AdapterModule) -> Any:
 
 
 def _fits(spec: Any, m: AdapterModule) -> bool:
-    """Whether the adapter's weight in/out features agree with the catalog's shape."""
-    out_f, in_f = weight_io(m.network_type, {k: v.shape for k, v in m.params.items()})
-    if out_f is None or in_f is None or len(spec.shape) < 2:
-        return True
-    per_in = spec.shape[1] * (spec.shape[2] * spec.shape[3] if len(spec.shape) == 4 else 1)
-    return out_f == spec.shape[0] and in_f in (spec.shape[1], per_in)
+    """Whether the module's ΔW fits the catalog's weight: same rows and element count
+    (1×1 conv ↔ linear, flattened conv factors); IA3's vector on the axis its flag names."""
+    shapes = {k: v.shape for k, v in m.params.items()}
+    if not fits_weight(m.network_type, shapes, tuple(spec.shape)):
+        return False
+    if m.network_type == "ia3":
+        return ia3_axis_fits(math.prod(shapes["weight"]), tuple(spec.shape), m.extra.get("on_input"))
+    return True
 
 
 def _no_adapter_message(source: TensorSource, unparsed: list[str]) -> str:

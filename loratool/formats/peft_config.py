@@ -9,9 +9,25 @@ import re
 from typing import Any
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+# configs_from_diffusers_metadata's key for fields written without a component prefix.
+BARE_METADATA = ""
 
 # peft_type -> name of the alpha field in its config.
 ALPHA_FIELD: dict[str, str] = {"LORA": "lora_alpha", "LOHA": "alpha", "LOKR": "alpha"}
+
+
+def _number(value: Any, what: str) -> float:
+    """A config value as a float; ValueError when it is not a number (bools included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} is {value!r}, not a number")
+    return float(value)
+
+
+def _patterns(config: dict[str, Any], field: str) -> dict[str, Any]:
+    patterns = config.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{field} is {type(patterns).__name__}, not an object")
+    return patterns
 
 
 def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
@@ -29,17 +45,18 @@ def kohya_alpha(config: dict[str, Any], module: str, rank: int | None) -> float 
     """The kohya-convention alpha that reproduces PEFT's scale for ``module``.
 
     PEFT: scale = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA), with
-    ``alpha_pattern`` overrides; rank comes from the tensors.
+    ``alpha_pattern`` overrides; rank comes from the tensors. ValueError when the
+    config's values are not numbers.
     """
     field = ALPHA_FIELD.get(str(config.get("peft_type", "LORA")).upper(), "lora_alpha")
     alpha = config.get(field)
-    patterns = config.get("alpha_pattern") or {}
+    patterns = _patterns(config, "alpha_pattern")
     key = pattern_key(patterns, module)
     if key is not None:
-        alpha = patterns[key]
+        alpha, field = patterns[key], f"alpha_pattern[{key!r}]"
     if alpha is None:
         return None
-    alpha = float(alpha)
+    alpha = _number(alpha, field)
     if config.get("use_rslora") and rank:
         return alpha * math.sqrt(rank)
     return alpha
@@ -48,23 +65,30 @@ def kohya_alpha(config: dict[str, Any], module: str, rank: int | None) -> float 
 def peft_scale(config: dict[str, Any], module: str) -> float:
     """PEFT's own scale for ``module``: alpha/r with both patterns applied (rsLoRA: /√r)."""
     r = config.get("r") or 8
-    ranks = config.get("rank_pattern") or {}
+    ranks = _patterns(config, "rank_pattern")
     key = pattern_key(ranks, module)
     if key is not None:
         r = ranks[key]
+    r = _number(r, "r")
+    if r <= 0:
+        raise ValueError(f"r is {r:g}, not a positive rank")
     alpha = kohya_alpha({**config, "use_rslora": False}, module, None)
-    alpha = float(r) if alpha is None else alpha
+    alpha = r if alpha is None else alpha
     return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
 def configs_from_diffusers_metadata(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Split diffusers' ``lora_adapter_metadata`` ("unet.lora_alpha": …) per component."""
+    """Split diffusers' ``lora_adapter_metadata`` ("unet.lora_alpha": …) per component.
+
+    Fields without a component prefix (``{"lora_alpha": 16, "r": 4, …}``, what a model's
+    ``save_lora_adapter`` writes, read by its ``load_lora_adapter``) are returned under
+    :data:`BARE_METADATA`: they are the config of the keys that name no component."""
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if not raw:
         return {}
     try:
         flat = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, TypeError, RecursionError):  # not JSON, not text, nested too deep
         return {}
     if not isinstance(flat, dict):
         return {}
@@ -73,4 +97,6 @@ def configs_from_diffusers_metadata(metadata: dict[str, str]) -> dict[str, dict[
         component, _, field = str(key).partition(".")
         if field:
             per_component.setdefault(component, {})[field] = value
+        else:
+            per_component.setdefault(BARE_METADATA, {})[component] = value
     return per_component

@@ -200,6 +200,13 @@ def decode_scalar(raw: bytes, dtype: str) -> float:
     """Decode the first element of a tensor's raw bytes as a Python float, without torch."""
     if dtype == "BF16":
         return struct.unpack("<f", b"\x00\x00" + raw[:2])[0]
+    if dtype == "F8_E5M2":  # the high byte of an IEEE half
+        return struct.unpack("<e", b"\x00" + raw[:1])[0]
+    if dtype == "F8_E4M3":  # e4m3fn: bias 7, no infinities, S.1111.111 is NaN
+        sign, exp, man = -1.0 if raw[0] & 0x80 else 1.0, (raw[0] >> 3) & 0xF, raw[0] & 0x7
+        if exp == 0xF and man == 0x7:
+            return float("nan")
+        return sign * (man / 8 * 2.0**-6 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7))
     fmt = {"F16": "<e", "F32": "<f", "F64": "<d", "I8": "<b", "U8": "<B", "I16": "<h",
            "U16": "<H", "I32": "<i", "U32": "<I", "I64": "<q", "U64": "<Q", "BOOL": "<?"}.get(dtype)
     if fmt is None:

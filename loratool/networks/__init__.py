@@ -21,9 +21,10 @@ Conventions
 from __future__ import annotations
 
 from collections.abc import Mapping
+from math import prod
 from typing import TYPE_CHECKING, Any
 
-from loratool.networks.base import SIDE_PARAMS, NetworkType, as_alpha, reshape_to
+from loratool.networks.base import SIDE_PARAMS, NetworkType, ShapeError, as_alpha, reshape_to
 from loratool.networks.boft import BOFT
 from loratool.networks.dora import apply_dora, dora_axis
 from loratool.networks.dora import dora_axis as _detect_axis
@@ -47,11 +48,15 @@ NETWORK_TYPES: dict[str, NetworkType] = {
 __all__ = [
     "NETWORK_TYPES",
     "NetworkType",
+    "ShapeError",
     "apply_dora",
     "classify",
     "delta_bias",
     "delta_weight",
+    "depends_on_base",
     "dora_axis",
+    "fits_weight",
+    "invalid_shapes",
     "merged_bias",
     "merged_weight",
     "rank_of",
@@ -78,6 +83,39 @@ def classify(param_names: set[str], shapes: Mapping[str, tuple[int, ...]]) -> st
         if t.recognises(names, shp):
             return t.name
     return None
+
+
+def invalid_shapes(network_type: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why these parameter shapes cannot be one module of the type (None when they can):
+    empty tensors, wrong dims, factors that do not join. Modules that pass compute ΔW
+    (and rank, scale, weight_io) without error."""
+    shp = {k: tuple(v) for k, v in shapes.items() if k not in SIDE_PARAMS}
+    for name, shape in shp.items():
+        if len(shape) > 4 or 0 in shape:
+            return f"{name} has shape {list(shape)}" + (", an empty tensor" if 0 in shape else "")
+    try:
+        _type(network_type).delta_shape(shp, None)
+    except ShapeError as exc:
+        return str(exc)
+    return None
+
+
+def fits_weight(network_type: str, shapes: Mapping[str, tuple[int, ...]], weight_shape: tuple[int, ...]) -> bool:
+    """Whether the module's ΔW fits a weight of ``weight_shape``: same rows and element
+    count (1×1 conv ↔ linear, flattened conv factors), or the type's own rule where ΔW
+    follows W0. Assumes :func:`invalid_shapes` passed."""
+    shp = {k: tuple(v) for k, v in shapes.items() if k not in SIDE_PARAMS}
+    try:
+        out = _type(network_type).delta_shape(shp, tuple(weight_shape))
+    except ShapeError:
+        return False
+    return out is not None and len(out) >= 1 and len(weight_shape) >= 1 and out[0] == weight_shape[0] and prod(out) == prod(weight_shape)
+
+
+def depends_on_base(network_type: str, param_names: set[str] | frozenset[str]) -> bool:
+    """Whether ΔW needs W0: IA3/GLoRA/OFT/BOFT, and bias-only full/norm modules (zero ΔW)."""
+    t = _type(network_type)
+    return t.needs_base or (t.weight_params is not None and not (set(param_names) & t.weight_params))
 
 
 def rank_of(network_type: str, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
@@ -123,6 +161,10 @@ def delta_weight(
         target_shape = tuple(base_weight.shape)
     if base_weight is not None and t.needs_base:
         base_weight = base_weight.reshape(target_shape)
+    if base_weight is None and target_shape is not None and depends_on_base(network_type, set(tensors)):
+        import torch
+
+        return torch.zeros(target_shape, dtype=torch.float32)  # bias-only: no weight change
     if scale is None:
         scale = scale_of(network_type, _shapes(tensors), alpha)
     dw = t.delta(tensors, scale, base=base_weight, alpha=as_alpha(alpha))

@@ -22,6 +22,23 @@ Tensors = Mapping[str, "torch.Tensor"]
 SIDE_PARAMS = frozenset({"alpha", "dora_scale"})
 
 
+class ShapeError(ValueError):
+    """Parameter shapes that no module of a type can have (the message says why)."""
+
+
+def need(condition: bool, reason: str) -> None:
+    """Raise :class:`ShapeError` with ``reason`` unless ``condition`` holds."""
+    if not condition:
+        raise ShapeError(reason)
+
+
+def ndim(shapes: Shapes, name: str, lo: int, hi: int = 4) -> tuple[int, ...]:
+    """``shapes[name]``, checked to have ``lo``–``hi`` dims."""
+    shape = tuple(shapes[name])
+    need(lo <= len(shape) <= hi, f"{name} has shape {list(shape)}; expected {lo}" + (f"–{hi}" if hi != lo else "") + " dims")
+    return shape
+
+
 @dataclass(frozen=True)
 class NetworkType:
     """One network type: which parameters it has and how its weight change is computed.
@@ -33,6 +50,12 @@ class NetworkType:
     is W0 for types whose change depends on it, else ignored). ``merge(base, tensors,
     scale, multiplier)``, when set, computes the merged weight itself (types whose
     multiplier is not linear in ΔW: IA3, OFT, BOFT).
+
+    ``delta_shape(shapes, base)`` is the shape ``delta`` returns for these parameter
+    shapes, or raises :class:`ShapeError` saying which shapes do not fit together (or
+    do not fit ``base``, W0's shape, when given). Where ΔW follows W0 it is ``base``
+    (None when not given). ``weight_params``: the parameters that carry a weight change;
+    a module with none of them (a bias-only ``full``/``norm``) has a zero ΔW shaped like W0.
     """
 
     name: str
@@ -46,6 +69,8 @@ class NetworkType:
     needs_base: bool = False
     accepts: Callable[[Shapes], bool] = lambda shapes: True
     alternatives: tuple[frozenset[str], ...] = field(default=())
+    delta_shape: Callable[[Shapes, tuple[int, ...] | None], tuple[int, ...] | None] = lambda shapes, base: base
+    weight_params: frozenset[str] | None = None  # None: every module of the type has one
     doc: str = ""
 
     def recognises(self, names: set[str] | frozenset[str], shapes: Shapes) -> bool:

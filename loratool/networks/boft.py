@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from loratool.networks.base import NetworkType, Tensors, f32
-from loratool.networks.oft import cayley, constraint_of
+from loratool.networks.base import NetworkType, Shapes, Tensors, f32, need
+from loratool.networks.oft import blocks_shape, cayley, constraint_of
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -45,6 +45,14 @@ def merge(base: Tensor, tensors: Tensors, alpha: float | None = None, multiplier
     return w
 
 
+def delta_shape(shapes: Shapes, base: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """As OFT, and stage i pairs rows at stride 2^i·b/2: b even, n divisible by 2^(m−1)."""
+    result = blocks_shape(shapes, base, 4)
+    stages, n, b, _ = shapes["oft_blocks"]
+    need(stages >= 1 and b % 2 == 0 and n % 2 ** (stages - 1) == 0, f"oft_blocks {list(shapes['oft_blocks'])} do not form a butterfly")
+    return result
+
+
 def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     if base is None:
         raise ValueError("BOFT's ΔW depends on the base weight; pass base_weight")
@@ -58,6 +66,7 @@ BOFT = NetworkType(
     delta=delta,
     merge=merge,
     needs_base=True,
+    delta_shape=delta_shape,
     accepts=lambda shapes: len(shapes.get("oft_blocks", ())) == 4,
     doc="BOFT: butterfly orthogonal rotation of W0",
 )

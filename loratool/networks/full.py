@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from loratool.networks.base import NetworkType, Tensors, any_of, f32
+from loratool.networks.base import NetworkType, Shapes, Tensors, any_of, f32, ndim, need
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -20,6 +20,16 @@ def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: flo
     return torch.zeros(base.shape, dtype=torch.float32)
 
 
+def delta_shape(shapes: Shapes, base: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """``diff``'s shape (W0's when only ``diff_b`` is stored); ``diff_b`` has one value per row."""
+    diff = ndim(shapes, "diff", 1) if "diff" in shapes else None
+    if "diff_b" in shapes:
+        bias = ndim(shapes, "diff_b", 1, 1)
+        rows = diff[0] if diff else base[0] if base else None
+        need(rows is None or bias[0] == rows, f"diff_b {list(bias)} does not hold one value per {rows} rows")
+    return diff or base
+
+
 def bias_delta(tensors: Tensors, scale: float) -> Tensor | None:
     b = tensors.get("diff_b")
     return None if b is None else f32(b).reshape(-1) * scale
@@ -32,5 +42,7 @@ FULL = NetworkType(
     alternatives=any_of({"diff"}, {"diff_b"}),
     delta=delta,
     bias_delta=bias_delta,
+    delta_shape=delta_shape,
+    weight_params=frozenset({"diff"}),
     doc="Full: stored weight (and bias) difference",
 )

@@ -8,9 +8,10 @@ that ComfyUI detects as ``old_glora`` is not supported.
 
 from __future__ import annotations
 
+from math import prod
 from typing import TYPE_CHECKING
 
-from loratool.networks.base import NetworkType, Shapes, Tensors, f32, mat
+from loratool.networks.base import NetworkType, Shapes, Tensors, f32, mat, ndim, need
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -18,6 +19,27 @@ if TYPE_CHECKING:
 
 def rank(shapes: Shapes) -> int | None:
     return shapes["a2"][0] if "a2" in shapes else None
+
+
+def delta_shape(shapes: Shapes, base: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """W0's shape: A = a1 @ a2 must be square over the input axis, B = b1 @ b2 (through
+    bm) must have W0's element count."""
+    a1, a2 = ndim(shapes, "a1", 2), ndim(shapes, "a2", 2)
+    b1, b2 = ndim(shapes, "b1", 2), ndim(shapes, "b2", 2)
+    need(prod(a1[1:]) == a2[0] and prod(a2[1:]) == a1[0], f"a1 {list(a1)} @ a2 {list(a2)} is not a square input map")
+    if "bm" in shapes:
+        bm = ndim(shapes, "bm", 2)
+        need(bm[0] == prod(b1[1:]) and bm[1] == b2[0], f"bm {list(bm)} does not join b1 {list(b1)} and b2 {list(b2)}")
+        wb = b1[0] * prod(b2[1:]) * prod(bm[2:])
+    else:
+        need(prod(b1[1:]) == b2[0], f"rank differs: b1 {list(b1)} vs b2 {list(b2)}")
+        wb = b1[0] * prod(b2[1:])
+    if base is not None:
+        need(
+            len(base) >= 2 and base[0] == b1[0] and base[1] == a1[0] and prod(base) == wb,
+            f"GLoRA factors do not fit a weight of shape {list(base)}",
+        )
+    return base
 
 
 def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
@@ -44,5 +66,6 @@ GLORA = NetworkType(
     uses_alpha=True,
     delta=delta,
     needs_base=True,
+    delta_shape=delta_shape,
     doc="GLoRA: W0-dependent generalised LoRA",
 )

@@ -8,9 +8,10 @@ PEFT's ``ia3_l`` is ``w + 1``; decoders convert.
 
 from __future__ import annotations
 
+from math import prod
 from typing import TYPE_CHECKING
 
-from loratool.networks.base import NetworkType, Tensors, f32
+from loratool.networks.base import NetworkType, Shapes, Tensors, f32, ndim, need
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -23,6 +24,26 @@ def on_input(tensors: Tensors, base_shape: tuple[int, ...]) -> bool:
         return bool(float(flag.reshape(-1)[0]))
     n = tensors["weight"].numel()
     return n == base_shape[1] and n != base_shape[0]
+
+
+def axis_fits(length: int, base: tuple[int, ...], flag: bool | None) -> bool:
+    """Whether a vector of ``length`` scales the axis of W0 (``base``) that ``flag``, or
+    the length when there is no flag, chooses."""
+    if len(base) < 2:
+        return False
+    if flag is None:
+        return length in (base[0], base[1])
+    return length == base[1 if flag else 0]
+
+
+def delta_shape(shapes: Shapes, base: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """W0's shape (ΔW = W0 ⊙ w); the vector must scale one of its first two axes."""
+    length = prod(ndim(shapes, "weight", 1))
+    if "on_input" in shapes:
+        need(prod(shapes["on_input"]) == 1, f"on_input has shape {list(shapes['on_input'])}; expected one value")
+    if base is not None:
+        need(axis_fits(length, base, None), f"IA3 vector of {length} fits neither axis of a weight of shape {list(base)}")
+    return base
 
 
 def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
@@ -41,5 +62,6 @@ IA3 = NetworkType(
     optional=frozenset({"on_input"}),
     delta=delta,
     needs_base=True,
+    delta_shape=delta_shape,
     doc="IA3: learned per-channel scaling of W0",
 )

@@ -7,9 +7,10 @@ factor = Σ t[i, j] · w_a[i, p] · w_b[j, q]. rank = ``hada_w1_b.shape[0]``.
 
 from __future__ import annotations
 
+from math import prod
 from typing import TYPE_CHECKING
 
-from loratool.networks.base import NetworkType, Shapes, Tensors, f32, mat
+from loratool.networks.base import NetworkType, Shapes, Tensors, f32, mat, ndim, need
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,6 +31,23 @@ def _factor(tensors: Tensors, i: int) -> Tensor:
     return w.reshape(w_a.shape[0], *w_b.shape[1:])
 
 
+def _factor_shape(shapes: Shapes, i: int) -> tuple[int, ...]:
+    a, b = ndim(shapes, f"hada_w{i}_a", 2), ndim(shapes, f"hada_w{i}_b", 2)
+    if f"hada_t{i}" in shapes:
+        t = ndim(shapes, f"hada_t{i}", 2)
+        need(t[0] == a[0] and t[1] == b[0], f"hada_t{i} {list(t)} does not join hada_w{i}_a {list(a)} and hada_w{i}_b {list(b)}")
+        return (prod(a[1:]), prod(b[1:]), *t[2:])
+    need(prod(a[1:]) == b[0], f"rank differs: hada_w{i}_a {list(a)} vs hada_w{i}_b {list(b)}")
+    return (a[0], *b[1:])
+
+
+def delta_shape(shapes: Shapes, base: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Both Hadamard factors must have one shape, which is ΔW's."""
+    w1, w2 = _factor_shape(shapes, 1), _factor_shape(shapes, 2)
+    need(w1 == w2, f"the two LoHa factors differ in shape: {list(w1)} vs {list(w2)}")
+    return w1
+
+
 def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     return _factor(tensors, 1) * _factor(tensors, 2) * scale
 
@@ -41,5 +59,6 @@ LOHA = NetworkType(
     rank=rank,
     uses_alpha=True,
     delta=delta,
+    delta_shape=delta_shape,
     doc="LoHa: Hadamard product of two low-rank factors",
 )

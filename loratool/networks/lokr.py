@@ -12,9 +12,10 @@ as ComfyUI/A1111 do); with both factors full there is no rank and the scale is 1
 
 from __future__ import annotations
 
+from math import prod
 from typing import TYPE_CHECKING
 
-from loratool.networks.base import NetworkType, Shapes, Tensors, any_of, f32, mat
+from loratool.networks.base import NetworkType, Shapes, Tensors, any_of, f32, mat, ndim, need
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -45,6 +46,37 @@ def _w2(tensors: Tensors) -> Tensor:
     return w.reshape(w_a.shape[0], *w_b.shape[1:])
 
 
+def _w1_shape(shapes: Shapes) -> tuple[int, ...]:
+    if "lokr_w1" in shapes:
+        return ndim(shapes, "lokr_w1", 2, 2)
+    a, b = ndim(shapes, "lokr_w1_a", 2, 2), ndim(shapes, "lokr_w1_b", 2, 2)
+    need(a[1] == b[0], f"rank differs: lokr_w1_a {list(a)} vs lokr_w1_b {list(b)}")
+    return (a[0], b[1])
+
+
+def _w2_shape(shapes: Shapes) -> tuple[int, ...]:
+    if "lokr_w2" in shapes:
+        return ndim(shapes, "lokr_w2", 2)
+    a, b = ndim(shapes, "lokr_w2_a", 2, 2), ndim(shapes, "lokr_w2_b", 2)
+    if "lokr_t2" in shapes:
+        t = ndim(shapes, "lokr_t2", 2)
+        need(t[0] == a[0] and t[1] == b[0], f"lokr_t2 {list(t)} does not join lokr_w2_a {list(a)} and lokr_w2_b {list(b)}")
+        return (a[1], prod(b[1:]), *t[2:])
+    need(a[1] == b[0], f"rank differs: lokr_w2_a {list(a)} vs lokr_w2_b {list(b)}")
+    return (a[0], *b[1:])
+
+
+def delta_shape(shapes: Shapes, base: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """kron(W1, W2) with W1 unsqueezed to W2's dims: ``[a·b, c·d(, kh, kw)]``."""
+    for half in ("w1", "w2"):
+        need(
+            (f"lokr_{half}_a" in shapes) == (f"lokr_{half}_b" in shapes),
+            f"lokr_{half}_a and lokr_{half}_b come in pairs",
+        )
+    w1, w2 = _w1_shape(shapes), _w2_shape(shapes)
+    return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
+
+
 def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     import torch
 
@@ -68,6 +100,7 @@ LOKR = NetworkType(
     rank=rank,
     uses_alpha=True,
     delta=delta,
+    delta_shape=delta_shape,
     accepts=lambda shapes: (
         not ({"lokr_w1", "lokr_w1_a"} <= set(shapes))
         and not ({"lokr_w2", "lokr_w2_a"} <= set(shapes))

@@ -11,9 +11,10 @@ core). LoRA on 1×1 convs stays "lora": that is what kohya trains without ``conv
 from __future__ import annotations
 
 from dataclasses import replace
+from math import prod
 from typing import TYPE_CHECKING
 
-from loratool.networks.base import NetworkType, Shapes, Tensors, f32, kernel_size, mat
+from loratool.networks.base import NetworkType, Shapes, Tensors, f32, kernel_size, mat, ndim, need
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -45,6 +46,25 @@ def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: flo
     return dw.reshape(out_dim, in_dim, *down.shape[2:]) * scale
 
 
+def delta_shape(shapes: Shapes, base: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """ΔW's shape: ``[out, in(, kh, kw)]`` from down's trailing dims (Tucker: mid's kernel)."""
+    down, up = ndim(shapes, "lora_down", 2), ndim(shapes, "lora_up", 2)
+    rank = down[0]
+    need(prod(up[2:]) == 1, f"lora_up has shape {list(up)}; expected [out, rank] or [out, rank, 1, 1]")
+    if "lora_mid" in shapes:
+        mid = ndim(shapes, "lora_mid", 2)
+        need(prod(down[2:]) == 1, f"lora_down has shape {list(down)} beside a Tucker lora_mid; expected [rank, in, 1, 1]")
+        need(mid[0] == up[1] and mid[1] == rank, f"lora_mid {list(mid)} does not join lora_up {list(up)} and lora_down {list(down)}")
+        out = (up[0], down[1], *mid[2:])
+    else:
+        need(up[1] == rank, f"rank differs: lora_up {list(up)} vs lora_down {list(down)}")
+        out = (up[0], *down[1:])
+    if "lora_up_bias" in shapes:
+        bias = ndim(shapes, "lora_up_bias", 1, 1)
+        need(bias[0] == up[0], f"lora_up_bias {list(bias)} does not match {up[0]} outputs")
+    return out
+
+
 def bias_delta(tensors: Tensors, scale: float) -> Tensor | None:
     bias = tensors.get("lora_up_bias")
     return None if bias is None else f32(bias).reshape(-1) * scale
@@ -58,6 +78,7 @@ LORA = NetworkType(
     uses_alpha=True,
     delta=delta,
     bias_delta=bias_delta,
+    delta_shape=delta_shape,
     accepts=lambda shapes: not is_conv_kernel(shapes),
     doc="LoRA: ΔW = up @ down",
 )

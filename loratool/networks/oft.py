@@ -9,9 +9,10 @@ R_m = m·R + (1 − m)·I; W' = rescale · (R_mᵀ W0) blockwise over output row
 
 from __future__ import annotations
 
+from math import prod
 from typing import TYPE_CHECKING
 
-from loratool.networks.base import NetworkType, Tensors, as_alpha, f32
+from loratool.networks.base import NetworkType, Shapes, Tensors, as_alpha, f32, ndim, need
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -52,6 +53,18 @@ def merge(base: Tensor, tensors: Tensors, alpha: float | None = None, multiplier
     return w
 
 
+def blocks_shape(shapes: Shapes, base: tuple[int, ...] | None, dims: int) -> tuple[int, ...] | None:
+    """W0's shape; ``oft_blocks`` hold square blocks covering its rows (``rescale``: one per row)."""
+    blocks = ndim(shapes, "oft_blocks", dims, dims)
+    need(blocks[-1] == blocks[-2], f"oft_blocks {list(blocks)} are not square")
+    rows = blocks[-3] * blocks[-1]
+    if "rescale" in shapes:
+        need(prod(shapes["rescale"]) == rows, f"rescale {list(shapes['rescale'])} does not hold one value per {rows} rows")
+    if base is not None:
+        need(len(base) >= 1 and base[0] == rows, f"oft_blocks {list(blocks)} cover {rows} rows, not the {list(base)} weight's")
+    return base
+
+
 def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: float | None = None) -> Tensor:
     if base is None:
         raise ValueError("OFT's ΔW depends on the base weight; pass base_weight")
@@ -65,6 +78,7 @@ OFT = NetworkType(
     delta=delta,
     merge=merge,
     needs_base=True,
+    delta_shape=lambda shapes, base: blocks_shape(shapes, base, 3),
     accepts=lambda shapes: len(shapes.get("oft_blocks", ())) == 3,
     doc="OFT: block-diagonal orthogonal rotation of W0",
 )

@@ -138,6 +138,9 @@ def _select(adapter: Adapter, target: str, skip: bool) -> tuple[list[AdapterModu
         refused.update(conflicts)
     for key in adapter.unknown_keys:
         refused.setdefault(key, "unrecognised key")
+    # Modules whose values cannot be used (shapes, dtypes, NaN/Inf or out-of-range alpha).
+    for name, why in adapter.invalid_modules.items():
+        refused.setdefault(name, f"invalid: {why}")
     if refused and not skip:
         raise ConversionError(
             adapter.path,

@@ -80,6 +80,7 @@ class InspectReport:
     hashes: dict[str, Any] | None = None
     keys: list[str] | None = None
     unknown_keys: list[str] = field(default_factory=list)
+    invalid_modules: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The public JSON shape (optional ``hashes``/``keys`` only when asked for)."""
@@ -90,7 +91,7 @@ class InspectReport:
             "modules": self.modules, "rank": self.rank, "alpha": self.alpha,
             "targets": self.targets, "dtypes": self.dtypes, "metadata": self.metadata,
             "complete": self.complete, "warnings": self.warnings,
-            "unknown_keys": self.unknown_keys,
+            "unknown_keys": self.unknown_keys, "invalid_modules": self.invalid_modules,
         }
         if self.hashes is not None:
             out["hashes"] = self.hashes
@@ -127,6 +128,7 @@ def summarize(adapter: Adapter) -> InspectReport:
         alpha={"min": min(alphas, default=None), "max": max(alphas, default=None)},
         targets=dict(sorted(targets.items())), dtypes=dtypes, metadata=adapter.metadata,
         complete=adapter.complete, warnings=adapter.warnings, unknown_keys=adapter.unknown_keys,
+        invalid_modules=dict(adapter.invalid_modules),
     )
 
 
