@@ -3,6 +3,12 @@
 load → check every module fits the target (refuse before writing) → encode → stream to a
 temp file/folder → re-read the output and compare every module's ΔW (scale included)
 with the source → rename into place.
+
+Nothing non-finite is written: modules whose alpha is NaN/Inf are invalid at decode and
+refused by name; modules whose source tensors or ΔW hold NaN/Inf are found by the
+verification (which reads every tensor) and refused by name too — with
+``--skip-unsupported`` the output is written again without them. ``--no-verify`` copies
+tensors unchecked.
 """
 
 from __future__ import annotations
@@ -71,25 +77,56 @@ def convert(
         adapter = decode(source, family=family)
         _check_family(adapter)
         modules, skipped = _select(adapter, target, skip_unsupported)
-        catalog = arch.get_catalog(adapter.family)
-        plan = ENCODERS[target](adapter, modules, catalog, EncodeOptions(dtype=DTYPES.get(dtype or "")))
-        result = ConvertResult(str(src), str(out), target, adapter.family, len(modules), [], skipped)
-        with atomic_path(out, directory=writes_directory(target)) as tmp:
-            for f in plan:
-                dest = tmp / f.relpath if f.relpath else tmp
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                write_safetensors(dest, f.tensors, f.metadata, hash_key=f.hash_key)
-                if f.config is not None:
-                    write_json(dest.parent / "adapter_config.json", f.config)
-                result.files.append(str(out / f.relpath) if f.relpath else str(out))
-            syncing = start_sync(tmp)  # flush to disk while the output is re-read
-            try:
-                if verify:
-                    _verify(adapter, modules, tmp, result)
-            finally:
-                syncing.join()
+        opts = EncodeOptions(dtype=DTYPES.get(dtype or ""))
+        try:
+            return _write(adapter, modules, skipped, target, out, opts, verify, src)
+        except _NonFiniteSource as exc:
+            refused = {name: "invalid: NaN/Inf in its tensors or ΔW" for name in exc.names}
+            if not skip_unsupported:
+                shown = ", ".join(exc.names[:3]) + (", …" if len(exc.names) > 3 else "")
+                raise ConversionError(
+                    adapter.path,
+                    f"{len(refused)} module(s) hold NaN/Inf in their tensors or ΔW: {shown}; "
+                    "--skip-unsupported writes the rest",
+                ) from None
+            modules = [m for m in modules if (m.source_name or str(m.key)) not in refused]
+            if not modules:
+                raise ConversionError(adapter.path, f"nothing left to write as {target}") from None
+            return _write(adapter, modules, {**skipped, **refused}, target, out, opts, verify, src)
     finally:
         source.close()
+
+
+class _NonFiniteSource(Exception):
+    """Source modules whose tensors or ΔW hold NaN/Inf (found while verifying)."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(", ".join(names))
+        self.names = names
+
+
+def _write(
+    adapter: Adapter, modules: list[AdapterModule], skipped: dict[str, str], target: str, out: Path,
+    opts: EncodeOptions, verify: bool, src: str | os.PathLike[str],
+) -> ConvertResult:
+    """Encode, stream to a temp file/folder, verify, rename into place."""
+    catalog = arch.get_catalog(adapter.family)
+    plan = ENCODERS[target](adapter, modules, catalog, opts)
+    result = ConvertResult(str(src), str(out), target, adapter.family, len(modules), [], skipped)
+    with atomic_path(out, directory=writes_directory(target)) as tmp:
+        for f in plan:
+            dest = tmp / f.relpath if f.relpath else tmp
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(dest, f.tensors, f.metadata, hash_key=f.hash_key)
+            if f.config is not None:
+                write_json(dest.parent / "adapter_config.json", f.config)
+            result.files.append(str(out / f.relpath) if f.relpath else str(out))
+        syncing = start_sync(tmp)  # flush to disk while the output is re-read
+        try:
+            if verify:
+                _verify(adapter, modules, tmp, result)
+        finally:
+            syncing.join()
     return result
 
 
@@ -169,8 +206,15 @@ def _verify(adapter: Adapter, modules: list[AdapterModule], written: Path, resul
         report = compare_adapters(modules, out)
     finally:
         out_source.close()
+    if report.nonfinite_source:
+        raise _NonFiniteSource(report.nonfinite_source)
     result.max_abs_diff = report.max_abs_diff
     result.identical_modules = report.identical
+    if report.failures:
+        raise ConversionError(
+            result.output,
+            f"verification failed in {len(report.failures)} module(s), e.g. {report.failures[0]}; nothing was written",
+        )
     if report.missing:
         raise ConversionError(result.output, f"verification failed: {len(report.missing)} module(s) missing from the output, e.g. {report.missing[0]}")
     if report.over_tolerance:

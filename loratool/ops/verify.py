@@ -3,10 +3,16 @@
 Where a module's tensors are byte-identical and its scale is equal, its ΔW is identical
 by construction (ΔW is a deterministic function of them), so no matrix product is
 needed; otherwise ΔW is recomputed from both sides in float32 and compared.
+
+Nothing non-finite passes: a source module whose tensors or ΔW hold NaN/Inf is listed in
+``nonfinite_source`` (the byte-identical shortcut checks the stored bytes too), and a
+NaN/Inf that appears in the output, or a comparison that cannot be made (parameters or
+element counts that differ), is listed in ``failures``.
 """
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,7 +24,9 @@ if TYPE_CHECKING:
 
 # Unit roundoff per safetensors float dtype: the tolerance of a recomputed module is
 # 8·u·max(ΔW of |factors|), a bound on what rounding the factors to u can change.
-UNIT_ROUNDOFF: dict[str, float] = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
+UNIT_ROUNDOFF: dict[str, float] = {
+    "F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8, "F8_E4M3": 2.0**-4, "F8_E5M2": 2.0**-3,
+}
 
 
 @dataclass
@@ -29,6 +37,8 @@ class CompareReport:
     recomputed: int = 0
     missing: list[str] = field(default_factory=list)
     over_tolerance: list[str] = field(default_factory=list)
+    nonfinite_source: list[str] = field(default_factory=list)  # source module names
+    failures: list[str] = field(default_factory=list)  # NaN/Inf in the output, comparisons not made
 
 
 def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> CompareReport:
@@ -44,11 +54,24 @@ def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> Compa
         if o is None or o.network_type != m.network_type or o.dora_axis != m.dora_axis:
             report.missing.append(str(m.key))
             continue
+        if identical == "nonfinite":
+            report.nonfinite_source.append(m.source_name or str(m.key))
+            continue
         if identical:
             report.identical += 1
             continue
-        diff, tolerance = _recompute(m, o)
         report.recomputed += 1
+        try:
+            diff, tolerance = _recompute(m, o)
+        except _NotFinite:
+            report.nonfinite_source.append(m.source_name or str(m.key))
+            continue
+        except (_Incomparable, ValueError, RuntimeError) as exc:
+            report.failures.append(f"{m.key} (cannot compare: {exc})")
+            continue
+        if not math.isfinite(diff):
+            report.failures.append(f"{m.key} (NaN/Inf in the output's ΔW)")
+            continue
         if diff > tolerance:
             report.over_tolerance.append(f"{m.key} (|ΔW diff| {diff:.3g} > {tolerance:.3g})")
         if diff > report.max_abs_diff:
@@ -56,9 +79,20 @@ def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> Compa
     return report
 
 
-def _same_bytes(a: AdapterModule, b: AdapterModule) -> bool:
+class _NotFinite(Exception):
+    """The source module's tensors or ΔW hold NaN/Inf."""
+
+
+class _Incomparable(Exception):
+    """The two modules cannot be compared (message: why)."""
+
+
+def _same_bytes(a: AdapterModule, b: AdapterModule) -> bool | str:
+    """True when every tensor is stored byte for byte alike and the scale is equal;
+    "nonfinite" when so but the (source) bytes hold NaN/Inf."""
     if set(a.params) != set(b.params) or a.scale != b.scale:
         return False
+    raws = []
     for name, ref in a.params.items():
         other = b.params[name]
         if ref.dtype != other.dtype:
@@ -66,39 +100,81 @@ def _same_bytes(a: AdapterModule, b: AdapterModule) -> bool:
         ra, rb = ref.raw(), other.raw()
         if ra is None or rb is None or ra != rb:
             return False
-    return True
+        raws.append((ra, ref.dtype))
+    return True if all(_finite_bytes(raw, dtype) for raw, dtype in raws) else "nonfinite"
+
+
+def _finite_bytes(raw: bytes, dtype: str) -> bool:
+    """Whether stored little-endian values of ``dtype`` are all finite (ints always are)."""
+    if dtype not in UNIT_ROUNDOFF or not raw:
+        return True
+    import torch
+
+    from loratool.io.safetensors import TORCH_DTYPES
+
+    t = torch.frombuffer(bytearray(raw), dtype=getattr(torch, TORCH_DTYPES[dtype]))
+    return _all_finite(t)
+
+
+def _all_finite(t: Tensor) -> bool:
+    import torch
+
+    if not t.is_floating_point():
+        return True
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # isfinite has no F8 kernel
+        t = t.float()
+    return bool(torch.isfinite(t).all())
 
 
 def _recompute(a: AdapterModule, b: AdapterModule) -> tuple[float, float]:
-    """(max |ΔW_a − ΔW_b| over weight, magnitude and bias; the rounding tolerance)."""
-    from loratool.networks import NETWORK_TYPES, delta_bias, delta_weight
+    """(max |ΔW_a − ΔW_b| over weight, magnitude and bias; the rounding tolerance).
+
+    Raises :class:`_NotFinite` when ``a`` (the source) holds NaN/Inf, :class:`_Incomparable`
+    when the two cannot be compared."""
+    from loratool.networks import delta_bias, delta_weight, depends_on_base
 
     ta = {k: v.load() for k, v in a.params.items()}
+    if not all(_all_finite(t) for t in ta.values()):
+        raise _NotFinite
     tb = {k: v.load() for k, v in b.params.items()}
+    if set(ta) != set(tb):
+        raise _Incomparable(f"parameters {sorted(ta)} vs {sorted(tb)}")
     u = max(UNIT_ROUNDOFF.get(v.dtype, 0.0) for v in [*a.params.values(), *b.params.values()])
     shape = tuple(a.extra.get("shape") or ())
-    if NETWORK_TYPES[a.network_type].needs_base:  # compare the parameters themselves
-        diffs = [_maxdiff(ta[k], tb[k]) for k in ta if k in tb]
+    if depends_on_base(a.network_type, set(_core(ta))):  # ΔW needs W0: compare the parameters
         bound = max((t.float().abs().max().item() for t in ta.values()), default=0.0)
-        return max(diffs, default=0.0), 2 * u * bound
+        return _worst(*(_maxdiff(ta[k], tb[k]) for k in ta)), 2 * u * bound
     dwa = delta_weight(a.network_type, _core(ta), a.alpha, shape or None, scale=a.scale)
+    if not _all_finite(dwa):
+        raise _NotFinite
     dwb = delta_weight(b.network_type, _core(tb), b.alpha, tuple(dwa.shape), scale=b.scale)
     diff = _maxdiff(dwa, dwb)
     bound = delta_weight(a.network_type, {k: t.abs() for k, t in _core(ta).items()}, a.alpha, tuple(dwa.shape), scale=abs(a.scale))
     tolerance = 8 * u * bound.abs().max().item()
     del dwa, dwb, bound
     if "dora_scale" in ta:
-        diff = max(diff, _maxdiff(ta["dora_scale"], tb["dora_scale"]))
+        diff = _worst(diff, _maxdiff(ta["dora_scale"], tb["dora_scale"]))
         tolerance = max(tolerance, 2 * u * ta["dora_scale"].float().abs().max().item())
     ba, bb = delta_bias(a.network_type, ta, a.alpha), delta_bias(b.network_type, tb, b.alpha)
     if ba is not None and bb is not None:
-        diff = max(diff, _maxdiff(ba, bb))
+        diff = _worst(diff, _maxdiff(ba, bb))
         tolerance = max(tolerance, 8 * u * ba.abs().max().item())
     return diff, tolerance
 
 
+def _worst(*diffs: float) -> float:
+    """The largest difference, NaN if any is NaN (Python's ``max`` may skip a NaN)."""
+    return math.nan if any(math.isnan(d) for d in diffs) else max(diffs, default=0.0)
+
+
 def _maxdiff(x: Tensor, y: Tensor) -> float:
-    return (x.float().flatten() - y.float().flatten()).abs().max().item() if x.numel() else 0.0
+    """max |x − y| over the elements; NaN when either side holds NaN."""
+    if x.numel() != y.numel():
+        raise _Incomparable(f"{x.numel()} vs {y.numel()} elements")
+    if not x.numel():
+        return 0.0
+    d = (x.float().flatten() - y.float().flatten()).abs()
+    return math.nan if bool(d.isnan().any()) else d.max().item()
 
 
 def _core(tensors: dict) -> dict:
