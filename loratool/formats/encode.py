@@ -237,7 +237,7 @@ def encode_diffusers(adapter: Adapter, modules: list[AdapterModule], catalog: Ca
             tensors += _module_tensors("diffusers", m, spec, f"{component}.{m.key.path}", PEFT_LORA_KEYS.__getitem__, opts)
         packed.update({f"{component}.{k}": v for k, v in peft_config(mods).items()})
     meta = {k: v for k, v in adapter.metadata.items() if k.startswith(("ss_", "modelspec.")) and k not in STALE_METADATA}
-    meta.update({"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True)}, **opts.extra_metadata)
+    meta.update({"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, allow_nan=False)}, **opts.extra_metadata)
     return [OutputFile("", tensors, meta)]
 
 

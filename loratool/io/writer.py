@@ -58,7 +58,7 @@ def header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
     for t in tensors:
         header[t.key] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
     return raw + b" " * (-len(raw) % 8)  # align the data area to 8 bytes
 
 
@@ -311,4 +311,4 @@ def _bytes_of(t: OutTensor) -> memoryview | bytes:
 
 def write_json(path: Path, obj: object) -> None:
     """Write JSON (inside an :func:`atomic_path` folder or file)."""
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")

@@ -132,8 +132,11 @@ class RegistryClient:
             raise http_error(url, resp)
         ctype = resp.headers.get("Content-Type", "")
         try:
-            return resp.json()
-        except ValueError:
+            # Strict JSON: NaN/Infinity (which Python's parser takes) never reach our output.
+            return json.loads(resp.content, parse_constant=_not_json)
+        except NonStandardJSON:
+            raise RegistryError(_safe(url), "registry answered with non-standard JSON (NaN/Infinity)") from None
+        except (ValueError, RecursionError):
             kind = "an HTML page" if "html" in ctype else f"{ctype or 'untyped'} content"
             raise RegistryError(_safe(url), f"registry answered with {kind}, not JSON") from None
 
@@ -244,5 +247,13 @@ def _reason(exc: Exception) -> str:
     return "connection timed out" if isinstance(exc, requests.Timeout) else "connection failed"
 
 
+class NonStandardJSON(ValueError):
+    """NaN, Infinity or -Infinity in a registry answer."""
+
+
+def _not_json(constant: str) -> Any:
+    raise NonStandardJSON(constant)
+
+
 def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False)
+    return json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False)

@@ -26,7 +26,7 @@ def stem_of(model_path: Path) -> str:
 
 def write_info(model_path: Path, version: dict[str, Any]) -> Path:
     path = model_path.with_name(f"{stem_of(model_path)}.civitai.info")
-    return atomic_write_bytes(path, json.dumps(version, indent=4, ensure_ascii=False).encode("utf-8"))
+    return atomic_write_bytes(path, json.dumps(version, indent=4, ensure_ascii=False, allow_nan=False).encode("utf-8"))
 
 
 def preview_url(version: dict[str, Any]) -> str | None:
