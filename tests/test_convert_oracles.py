@@ -16,6 +16,7 @@ one module at a time so memory stays bounded.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -658,5 +659,79 @@ def test_lycoris_loads_our_kohya_output(name: str, family: str | None, tmp_path:
                 # once-scaled weight is read from get_weight().
                 diff = module.get_weight(tuple(ours.shape))
             _close(diff, ours, f"LyCORIS ΔW of {key}")
+    finally:
+        handle.close()
+
+
+# ------------------------------------- diffusers' save_lora_adapter: metadata without a prefix
+
+SAVED_TARGETS = [
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    "down_blocks.0.attentions.0.proj_in",
+    "down_blocks.0.resnets.0.conv1",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+]
+
+
+def _saved_by_unet(folder: Path, r: int = 4, lora_alpha: int = 16) -> tuple[Path, dict[tuple[str, str], BaseTunerLayer]]:
+    """A UNet LoRA saved by diffusers' own ``UNet2DConditionModel.save_lora_adapter``: bare
+    ``down_blocks…lora_A/B`` keys, ``lora_adapter_metadata`` without a component prefix.
+    Returns the file and the adapted layers of the model that saved it (the ground truth)."""
+    from peft import LoraConfig
+
+    unet = _materialise(_unet("sd1"))
+    torch.manual_seed(3)
+    unet.add_adapter(LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=SAVED_TARGETS, init_lora_weights=False), adapter_name=ADAPTER)
+    unet.save_lora_adapter(str(folder), adapter_name=ADAPTER)
+    return folder / "pytorch_lora_weights.safetensors", _adapted(unet, "unet")
+
+
+def _load_with_unet(path: Path, prefix: str | None) -> dict[tuple[str, str], BaseTunerLayer]:
+    """``UNet2DConditionModel.load_lora_adapter``, diffusers' model-level loader."""
+    unet = _materialise(_unet("sd1"))
+    with _strict_loading() as messages:
+        unet.load_lora_adapter(str(path.parent), weight_name=path.name, prefix=prefix, adapter_name=ADAPTER)
+    _assert_clean(messages)
+    return _adapted(unet, "unet")
+
+
+def test_unprefixed_diffusers_metadata_alpha_is_read_as_diffusers_reads_it(tmp_path: Path) -> None:
+    """loratool reads the alpha of a ``save_lora_adapter`` file (it used to drop it: scale 1,
+    a silent 4× error here), equal to the model that saved it and to ``load_lora_adapter``;
+    diffusers' pipeline loader loads none of it, and inspect says so."""
+    src, truth = _saved_by_unet(tmp_path / "saved")
+    with safe_open(str(src), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["lora_alpha"] == 16 and meta["r"] == 4 and not any("." in k for k in meta)
+    source, handle = _decode(src.parent, "sd1")
+    try:
+        assert {m.alpha for m in source.modules.values()} == {16.0}
+        assert {m.scale for m in source.modules.values()} == {4.0}
+        assert any("no component prefix" in w and "load_lora_weights" in w for w in source.warnings)
+        assert _compare(truth, source, "sd1") == len(SAVED_TARGETS)
+        assert _compare(_load_with_unet(src, None), source, "sd1") == len(SAVED_TARGETS)
+        # The pipeline loader (lora_state_dict + load_lora_into_unet) finds no 'unet.' key.
+        state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(src), return_lora_metadata=True)
+        unet = _materialise(_unet("sd1"))
+        StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name=ADAPTER, metadata=metadata)
+        assert not _adapted(unet, "unet")
+    finally:
+        handle.close()
+
+
+def test_our_diffusers_output_of_a_saved_adapter_loads_in_both_diffusers_loaders(tmp_path: Path) -> None:
+    """convert --to diffusers writes 'unet.'-prefixed keys and metadata: the pipeline loader
+    and the model loader (prefix='unet') both apply the saving model's ΔW, scale 4 included."""
+    src, truth = _saved_by_unet(tmp_path / "saved")
+    out = tmp_path / "out.safetensors"
+    result = convert(src.parent, "diffusers", out, family="sd1")
+    assert result.modules == len(SAVED_TARGETS) and result.max_abs_diff is not None
+    written, handle = _decode(out, "sd1")
+    try:
+        assert not written.warnings
+        assert _compare(truth, written, "sd1") == len(SAVED_TARGETS)
+        assert _compare(_load_with_diffusers(out, "sd1"), written, "sd1") == len(SAVED_TARGETS)
+        assert _compare(_load_with_unet(out, "unet"), written, "sd1") == len(SAVED_TARGETS)
     finally:
         handle.close()
