@@ -171,9 +171,12 @@ def write_safetensors(
     ``sshs_model_hash`` = Civitai AutoV3), computed while writing. Returns that digest.
     """
     meta = dict(metadata or {})
-    if hash_key:
-        meta[hash_key] = HASH_PLACEHOLDER
+    hash_at = 0
+    if hash_key:  # first in the header, so its value sits at a known offset (_hash_offset)
+        meta = {hash_key: HASH_PLACEHOLDER, **{k: v for k, v in meta.items() if k != hash_key}}
     header = header_bytes(tensors, meta)
+    if hash_key:
+        hash_at = _hash_offset(header, hash_key)
     digest = hashlib.sha256() if hash_key else None
     sources: dict[str, int] = {}
     try:
@@ -198,7 +201,7 @@ def write_safetensors(
                 fh.write(data)
                 pos += run.nbytes
                 del data
-            _finish(fh, header, digest)
+            _finish(fh, hash_at, digest)
     finally:
         for fd in sources.values():
             os.close(fd)
@@ -286,11 +289,20 @@ def _copy_range(sources: dict[str, int], origin: tuple[str, int, int], out_fd: i
         done += copied
 
 
-def _finish(fh: BinaryIO, header: bytes, digest: Any) -> None:
-    """Patch the real data hash into the header placeholder."""
+def _hash_offset(header: bytes, key: str) -> int:
+    """Offset in ``header`` of the placeholder value of the metadata field ``key``, written
+    first in ``__metadata__`` (a search for the placeholder could hit a user's value)."""
+    lead = ('{"__metadata__":{' + json.dumps(key, ensure_ascii=False) + ':"').encode("utf-8")
+    if not header.startswith(lead + HASH_PLACEHOLDER.encode()):
+        raise InputError(None, f"internal: {key} is not the first header field")
+    return len(lead)
+
+
+def _finish(fh: BinaryIO, hash_at: int, digest: Any) -> None:
+    """Write the real data hash over the placeholder at ``hash_at`` in the header."""
     if digest is not None:
-        fh.seek(8)
-        fh.write(header.replace(HASH_PLACEHOLDER.encode(), digest.hexdigest().encode(), 1))
+        fh.seek(8 + hash_at)
+        fh.write(digest.hexdigest().encode())
 
 
 def _bytes_of(t: OutTensor) -> memoryview | bytes:
