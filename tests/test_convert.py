@@ -2,7 +2,8 @@
 
 The ecosystem oracles (diffusers and PEFT loading our output) are in
 ``test_convert_oracles.py``; here the claims are loratool's own: kohya → diffusers →
-PEFT → kohya gives back the same tensors bit for bit with the same effective alpha,
+PEFT → kohya gives back the same tensors bit for bit with the same effective alpha
+(diffusers with ``--keep-factors``; by default alpha/rank is folded into the factors),
 what a target cannot hold is refused before anything is written, outputs are never
 clobbered, and metadata/hashes are what A1111/Civitai expect.
 """
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -109,9 +113,9 @@ def _kohya_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 
 @pytest.mark.parametrize(("name", "family", "route"), ROUND_TRIPS, ids=[_id(n) for n, _, _ in ROUND_TRIPS])
 def test_round_trip_is_tensor_identical(name: str, family: str | None, route: str, tmp_path: Path) -> None:
-    """kohya → diffusers → peft → kohya (or kohya ↔ peft) gives back the same tensors,
-    bit for bit, under the same kohya keys, with the same effective alpha; and every
-    intermediate holds exactly the source's modules, tensors and scales."""
+    """kohya → diffusers (--keep-factors) → peft → kohya (or kohya ↔ peft) gives back the
+    same tensors, bit for bit, under the same kohya keys, with the same effective alpha;
+    and every intermediate holds exactly the source's modules, tensors and scales."""
     src = source_path(name)
     source = Snapshot(src, family)
     fam = source.adapter.family
@@ -120,7 +124,7 @@ def test_round_trip_is_tensor_identical(name: str, family: str | None, route: st
     prev = src
     for i, target in enumerate(chain):
         out = tmp_path / f"{i}.{target}" if target == "peft" else tmp_path / f"{i}.{target}.safetensors"
-        result = convert(prev, target, out, family=fam)
+        result = convert(prev, target, out, family=fam, keep_factors=True)
         assert result.max_abs_diff == 0.0 and result.identical_modules == len(source.modules)
         _assert_same(source, Snapshot(out, fam), f"{name} step {i} ({target})")
         paths.append(out)
@@ -387,3 +391,60 @@ def test_peft_adapter_wide_lokr_setting_refuses_the_odd_module(tmp_path: Path) -
     assert odd in kept.stderr and "verified" in kept.stdout
     config = json.loads((tmp_path / "p" / "unet" / "adapter_config.json").read_text())
     assert config["decompose_both"] is False
+
+
+# ------------------------------------------------ diffusers output: alpha folded into factors
+
+
+@given(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False).filter(lambda x: abs(x) > 1e-6))
+def test_split_scale_is_exact(scale: float) -> None:
+    from loratool.formats.encode import split_scale
+
+    down, up = split_scale(scale)
+    assert down * up == scale
+    assert math.frexp(down)[0] == 0.5  # a power of two: scaling by it is exact
+    assert abs(math.log2(abs(down))) <= abs(math.log2(abs(scale))) / 2 + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("alpha", "rank"), [(16.0, 32), (3.0, 4), (1.0, 3), (128.0, 4)])
+def test_diffusers_output_folds_alpha_into_the_factors(alpha: float, rank: int, dtype: torch.dtype, tmp_path: Path) -> None:
+    """Every module of the diffusers file has scale 1 (lora_alpha = r in the metadata), its
+    scale-1 ΔW is the source's ΔW — exactly when alpha/rank is a power of two — and the
+    verification holds any rounding to its tolerance."""
+    gen = torch.Generator().manual_seed(rank)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    down, up = torch.randn(rank, 320, generator=gen).to(dtype), (torch.randn(320, rank, generator=gen) / 4).to(dtype)
+    src = tmp_path / "src.safetensors"
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha)}, src)
+    out = tmp_path / "out.safetensors"
+    stdout, _ = _cli_ok(str(src), "--to", "diffusers", "-o", str(out), "--family", "sd1")
+    assert "folded into the factors of 1 module" in stdout
+    with safe_open(out, "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        keys = list(f.keys())  # noqa: SIM118
+        up_key, down_key = next(k for k in keys if k.endswith("lora_B.weight")), next(k for k in keys if k.endswith("lora_A.weight"))
+        got_up, got_down = f.get_tensor(up_key), f.get_tensor(down_key)
+    assert meta["unet.lora_alpha"] == meta["unet.r"] == rank and got_up.dtype == dtype
+    scale = alpha / rank
+    want = (up.float() @ down.float()) * scale
+    got = got_up.float() @ got_down.float()
+    if math.frexp(scale)[0] == 0.5 and dtype != torch.float16:  # fp16 subnormals may lose bits
+        assert torch.equal(got, want)
+    # otherwise lora_B·scale is rounded once to its dtype (unit roundoff u), and both
+    # products are float32 sums of `rank` terms: |error| ≤ (u + (rank + 2)·2⁻²⁴)·(|up|·|scale|)@|down|
+    u = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    bound = (up.float().abs() * abs(scale)) @ down.float().abs()
+    assert ((got - want).abs() <= (u + (rank + 2) * 2.0**-24) * bound).all()
+    written = decode(open_source(out), family="sd1")
+    assert {m.scale for m in written.modules.values()} == {1.0}
+
+
+def test_keep_factors_writes_alpha_in_metadata_only(tmp_path: Path) -> None:
+    src = FIXTURES / "sd15_kohya_lora.safetensors"  # alpha 1, rank 2
+    out = tmp_path / "out.safetensors"
+    stdout, _ = _cli_ok(str(src), "--to", "diffusers", "-o", str(out), "--keep-factors")
+    assert "folded" not in stdout and "(264 byte-identical)" in stdout
+    with safe_open(out, "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.lora_alpha"] == 1.0 and meta["unet.r"] == 2

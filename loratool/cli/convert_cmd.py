@@ -18,13 +18,28 @@ from loratool.ops.convert import convert
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Re-read the output and compare every module's ΔW.")
 @click.option("--skip-unsupported", is_flag=True, help="Write what the target can hold; list what was left out.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-def convert_cmd(src: str, target: str, output: str, family: str | None, dtype: str | None, verify: bool, skip_unsupported: bool, force: bool) -> None:
+@click.option(
+    "--keep-factors", is_flag=True,
+    help="diffusers: keep the factors bit-identical, alpha only in lora_adapter_metadata (which ComfyUI ignores).",
+)
+def convert_cmd(
+    src: str, target: str, output: str, family: str | None, dtype: str | None, verify: bool, skip_unsupported: bool,
+    force: bool, keep_factors: bool,
+) -> None:
     """Convert a LoRA between kohya (A1111/ComfyUI), diffusers and PEFT key formats."""
-    r = convert(src, target, output, family=family, dtype=dtype, verify=verify, skip_unsupported=skip_unsupported, force=force)
+    r = convert(
+        src, target, output, family=family, dtype=dtype, verify=verify, skip_unsupported=skip_unsupported, force=force,
+        keep_factors=keep_factors,
+    )
     click.echo(f"wrote {r.output} ({r.target}, {r.family}, {r.modules} modules)")
     for path in r.files:
         if path != r.output:
             click.echo(f"  {path}")
+    if r.folded_modules:
+        click.echo(
+            f"alpha/rank folded into the factors of {r.folded_modules} module(s), lora_alpha = r: "
+            "every loader applies the same strength (--keep-factors keeps them bit-identical)"
+        )
     if r.max_abs_diff is not None:
         click.echo(f"verified: max |ΔW difference| = {r.max_abs_diff:.3g} over {r.modules} modules ({r.identical_modules} byte-identical)")
     if r.skipped:

@@ -9,9 +9,10 @@ can refuse before writing anything.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from loratool.arch import Catalog, ModuleSpec
@@ -69,6 +70,42 @@ class OutputFile:
 class EncodeOptions:
     dtype: str | None = None  # safetensors dtype to cast float tensors to; None keeps each
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    # diffusers: keep the factors bit-identical, alpha only in lora_adapter_metadata
+    # (loaders that ignore that metadata then apply another strength); default: fold.
+    keep_factors: bool = False
+
+
+def folds_alpha(target: str, m: AdapterModule, opts: EncodeOptions) -> bool:
+    """Whether ``target`` output multiplies this module's scale into its factors: diffusers
+    files, unless ``keep_factors``, for every module whose scale is not 1."""
+    return target == "diffusers" and not opts.keep_factors and m.scale != 1.0
+
+
+def split_scale(scale: float) -> tuple[float, float]:
+    """(for lora_down, for lora_up), whose product is exactly ``scale``: its power of two
+    split between the factors (exact in floating point barring under/overflow, and each
+    factor's exponent moves half as far), the rest of its mantissa on lora_up (one
+    rounding when ``scale`` is not a power of two)."""
+    mantissa, exponent = math.frexp(scale)  # scale = mantissa · 2^exponent, |mantissa| in [0.5, 1)
+    down = exponent // 2
+    return math.ldexp(1.0, down), math.ldexp(mantissa, exponent - down)
+
+
+def _times(factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def scaled(t: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return (t if t.dtype in (torch.float32, torch.float64) else t.float()) * factor
+
+    return scaled
+
+
+def _folded(m: AdapterModule) -> tuple[AdapterModule, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The module with its scale moved into the factors (alpha = rank, scale 1), and the
+    tensor transforms that do it (the bias is scaled like ΔW)."""
+    down, up = split_scale(m.scale)
+    transforms = {name: _times(f) for name, f in (("lora_down", down), ("lora_up", up), ("lora_up_bias", m.scale)) if f != 1.0}
+    return replace(m, alpha=None), transforms
 
 
 def unsupported_reason(target: str, module: AdapterModule) -> str | None:
@@ -228,14 +265,27 @@ def _kohya_metadata(adapter: Adapter, modules: list[AdapterModule], opts: Encode
 
 def encode_diffusers(adapter: Adapter, modules: list[AdapterModule], catalog: Catalog, opts: EncodeOptions) -> list[OutputFile]:
     """One ``.safetensors`` with ``unet.``/``text_encoder.``… + ``lora_A``/``lora_B`` keys and
-    the rank/alpha information in ``lora_adapter_metadata`` as diffusers writes it."""
+    the rank/alpha information in ``lora_adapter_metadata`` as diffusers writes it
+    (component-prefixed, what the pipeline loader reads).
+
+    Each module's scale (alpha/rank) is folded into its factors and written as
+    ``lora_alpha = r`` (:func:`split_scale`), so that loaders which read the
+    ``lora_A``/``lora_B`` keys but never that metadata (ComfyUI) apply the same strength
+    as diffusers; ``opts.keep_factors`` keeps the factors bit-identical instead."""
     tensors: list[OutTensor] = []
     packed: dict[str, Any] = {}
     for component, mods in components(modules).items():
+        written = []
         for m in mods:
             spec = catalog.get(m.key.component, m.key.path)
-            tensors += _module_tensors("diffusers", m, spec, f"{component}.{m.key.path}", PEFT_LORA_KEYS.__getitem__, opts)
-        packed.update({f"{component}.{k}": v for k, v in peft_config(mods).items()})
+            transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+            if folds_alpha("diffusers", m, opts):
+                m, transforms = _folded(m)
+            written.append(m)
+            tensors += _module_tensors(
+                "diffusers", m, spec, f"{component}.{m.key.path}", PEFT_LORA_KEYS.__getitem__, opts, transforms
+            )
+        packed.update({f"{component}.{k}": v for k, v in peft_config(written).items()})
     meta = {k: v for k, v in adapter.metadata.items() if k.startswith(("ss_", "modelspec.")) and k not in STALE_METADATA}
     meta.update({"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, allow_nan=False)}, **opts.extra_metadata)
     return [OutputFile("", tensors, meta)]
@@ -268,4 +318,7 @@ def writes_directory(target: str) -> bool:
     return target == "peft"
 
 
-__all__ = ["DTYPES", "ENCODERS", "TARGETS", "EncodeOptions", "OutputFile", "peft_adapter_conflicts", "unsupported_reason"]
+__all__ = [
+    "DTYPES", "ENCODERS", "TARGETS", "EncodeOptions", "OutputFile", "folds_alpha", "peft_adapter_conflicts",
+    "split_scale", "unsupported_reason",
+]

@@ -25,6 +25,7 @@ from loratool.formats.encode import (
     ENCODERS,
     TARGETS,
     EncodeOptions,
+    folds_alpha,
     peft_adapter_conflicts,
     unsupported_reason,
     writes_directory,
@@ -50,6 +51,7 @@ class ConvertResult:
     skipped: dict[str, str] = field(default_factory=dict)
     max_abs_diff: float | None = None  # None when verification was skipped
     identical_modules: int = 0
+    folded_modules: int = 0  # diffusers: modules whose alpha/rank went into the factors
 
 
 def convert(
@@ -62,8 +64,12 @@ def convert(
     verify: bool = True,
     skip_unsupported: bool = False,
     force: bool = False,
+    keep_factors: bool = False,
 ) -> ConvertResult:
-    """Convert ``src`` to ``target`` format at ``output``; see module docstring."""
+    """Convert ``src`` to ``target`` format at ``output``; see module docstring.
+
+    ``keep_factors`` (diffusers): write the factors bit-identical with alpha only in
+    ``lora_adapter_metadata``, instead of folding alpha/rank into them."""
     if target not in TARGETS:
         raise UsageError(None, f"unknown target format {target!r}; choose from {', '.join(TARGETS)}")
     if dtype is not None and dtype not in DTYPES:
@@ -77,7 +83,7 @@ def convert(
         adapter = decode(source, family=family)
         _check_family(adapter)
         modules, skipped = _select(adapter, target, skip_unsupported)
-        opts = EncodeOptions(dtype=DTYPES.get(dtype or ""))
+        opts = EncodeOptions(dtype=DTYPES.get(dtype or ""), keep_factors=keep_factors)
         try:
             return _write(adapter, modules, skipped, target, out, opts, verify, src)
         except _NonFiniteSource as exc:
@@ -113,6 +119,7 @@ def _write(
     catalog = arch.get_catalog(adapter.family)
     plan = ENCODERS[target](adapter, modules, catalog, opts)
     result = ConvertResult(str(src), str(out), target, adapter.family, len(modules), [], skipped)
+    result.folded_modules = sum(folds_alpha(target, m, opts) for m in modules)
     with atomic_path(out, directory=writes_directory(target)) as tmp:
         for f in plan:
             dest = tmp / f.relpath if f.relpath else tmp
