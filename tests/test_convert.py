@@ -448,3 +448,16 @@ def test_keep_factors_writes_alpha_in_metadata_only(tmp_path: Path) -> None:
     with safe_open(out, "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
     assert meta["unet.lora_alpha"] == 1.0 and meta["unet.r"] == 2
+
+
+def test_folded_alpha_keeps_ss_network_alpha_true(tmp_path: Path) -> None:
+    """kohya (rank 2, alpha 1) → diffusers (folded: alpha = rank) → kohya: the carried
+    ss_network_alpha follows the alpha the files hold, not the source's 1.0."""
+    convert(FIXTURES / "sd15_kohya_lora.safetensors", "diffusers", tmp_path / "d.safetensors")
+    convert(tmp_path / "d.safetensors", "kohya", tmp_path / "k.safetensors")
+    for name in ("d.safetensors", "k.safetensors"):
+        with safe_open(tmp_path / name, "pt") as f:
+            meta = f.metadata()
+            alphas = {f.get_tensor(k).item() for k in f.keys() if k.endswith(".alpha")}  # noqa: SIM118
+        assert meta["ss_network_alpha"] == "2.0" and meta["ss_network_dim"] == "2"
+        assert alphas in (set(), {2.0})

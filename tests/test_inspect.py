@@ -22,7 +22,7 @@ DTYPE_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64"
 CONTRACT = {
     "path", "format", "variant", "family", "family_evidence", "network_types", "components", "modules",
     "rank", "alpha", "targets", "dtypes", "metadata", "complete", "warnings", "unknown_keys",
-    "invalid_modules",
+    "invalid_modules", "loader_notes",
 }
 
 
@@ -280,7 +280,7 @@ def test_legacy_pickle_inputs_read_and_convert(tmp_path: Path) -> None:
     pt = tmp_path / "lora.pt"
     torch.save(load_file(str(FIXTURES / "sdxl_kohya_lora.safetensors")), pt)
     out = tmp_path / "out.safetensors"
-    result = run_cli("convert", str(pt), "--to", "diffusers", "-o", str(out))
+    result = run_cli("convert", str(pt), "--to", "diffusers", "-o", str(out), "--keep-factors")
     assert result.returncode == 0, result.stderr
     assert "max |ΔW difference| = 0 " in result.stdout
     assert inspect(out).modules == inspect(FIXTURES / "sdxl_kohya_lora.safetensors").modules

@@ -73,6 +73,8 @@ def render(r: InspectReport) -> None:
         table.add_row("hashes", ", ".join(f"{k}={v}" for k, v in r.hashes.items() if not isinstance(v, dict)) or json.dumps(r.hashes, allow_nan=False))
     for w in r.warnings:
         table.add_row("[yellow]warning[/yellow]", w)
+    for note in r.loader_notes:
+        table.add_row("loaders", note)
     if r.unknown_keys:
         table.add_row("[yellow]unknown[/yellow]", f"{len(r.unknown_keys)} keys, e.g. {r.unknown_keys[0]}")
     if r.keys is not None:

@@ -274,6 +274,7 @@ def encode_diffusers(adapter: Adapter, modules: list[AdapterModule], catalog: Ca
     as diffusers; ``opts.keep_factors`` keeps the factors bit-identical instead."""
     tensors: list[OutTensor] = []
     packed: dict[str, Any] = {}
+    alphas: Counter[float] = Counter()
     for component, mods in components(modules).items():
         written = []
         for m in mods:
@@ -286,7 +287,10 @@ def encode_diffusers(adapter: Adapter, modules: list[AdapterModule], catalog: Ca
                 "diffusers", m, spec, f"{component}.{m.key.path}", PEFT_LORA_KEYS.__getitem__, opts, transforms
             )
         packed.update({f"{component}.{k}": v for k, v in peft_config(written).items()})
+        alphas.update(m.effective_alpha for m in written if m.rank is not None)
     meta = {k: v for k, v in adapter.metadata.items() if k.startswith(("ss_", "modelspec.")) and k not in STALE_METADATA}
+    if "ss_network_alpha" in meta and alphas:  # folded alphas are ranks now: keep the header true
+        meta["ss_network_alpha"] = str(alphas.most_common(1)[0][0])
     meta.update({"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, allow_nan=False)}, **opts.extra_metadata)
     return [OutputFile("", tensors, meta)]
 

@@ -39,6 +39,18 @@ TARGET_SUFFIXES: list[tuple[re.Pattern[str], str]] = [
 
 ADAPTER_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
+# What A1111 and ComfyUI load (read from their code; README "Which format for which loader"):
+# both take kohya-named keys and the per-module ``.alpha`` tensor, never safetensors metadata
+# or adapter_config.json; A1111 matches no dotted diffusers key of a UNet family; ComfyUI maps
+# diffusers UNet attention projections only in the attention-processor spelling.
+UNET_FAMILIES = frozenset({"sd1", "sd2", "sdxl", "sdxl-refiner"})
+ATTENTION_PROJECTION = re.compile(r"\.attn\d\.(to_q|to_k|to_v|to_out\.0)$")
+# Key styles ComfyUI does not map for those modules: UNet attention in D1/D2 spelling, and
+# the old processor spelling of text-encoder attention.
+COMFY_UNMAPPED_UNET_ATTENTION = frozenset({"peft", "peft-bias", "peft-dora", "diffusers-lora"})
+COMFY_UNMAPPED_TE = frozenset({"diffusers-attnproc-te"})
+TO_KOHYA = "for A1111/ComfyUI, convert --to kohya (alpha tensors and kohya keys, which both read)"
+
 
 def expand(paths: list[str]) -> list[str]:
     """Paths to inspect: a folder that is not itself an adapter (no PEFT/diffusers layout)
@@ -81,6 +93,7 @@ class InspectReport:
     keys: list[str] | None = None
     unknown_keys: list[str] = field(default_factory=list)
     invalid_modules: dict[str, str] = field(default_factory=dict)
+    loader_notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The public JSON shape (optional ``hashes``/``keys`` only when asked for)."""
@@ -92,6 +105,7 @@ class InspectReport:
             "targets": self.targets, "dtypes": self.dtypes, "metadata": self.metadata,
             "complete": self.complete, "warnings": self.warnings,
             "unknown_keys": self.unknown_keys, "invalid_modules": self.invalid_modules,
+            "loader_notes": self.loader_notes,
         }
         if self.hashes is not None:
             out["hashes"] = self.hashes
@@ -128,8 +142,43 @@ def summarize(adapter: Adapter) -> InspectReport:
         alpha={"min": min(alphas, default=None), "max": max(alphas, default=None)},
         targets=dict(sorted(targets.items())), dtypes=dtypes, metadata=adapter.metadata,
         complete=adapter.complete, warnings=adapter.warnings, unknown_keys=adapter.unknown_keys,
-        invalid_modules=dict(adapter.invalid_modules),
+        invalid_modules=dict(adapter.invalid_modules), loader_notes=loader_notes(adapter),
     )
+
+
+def loader_notes(adapter: Adapter) -> list[str]:
+    """Where A1111/ComfyUI would not apply this adapter as diffusers/PEFT do: a strength set
+    by metadata they never read, keys they do not load."""
+    if adapter.format == "peft":
+        return ["a PEFT adapter folder: A1111 and ComfyUI load neither its keys nor the alpha in its adapter_config.json", TO_KOHYA]
+    if adapter.format != "diffusers":
+        return []
+    notes = []
+    mods = list(adapter.modules.values())
+    by_metadata = [m for m in mods if m.extra.get("alpha_source") == "lora_adapter_metadata" and m.scale != 1.0]
+    if by_metadata:
+        scales = sorted({m.scale for m in by_metadata})
+        shown = f"{scales[0]:g}" if len(scales) == 1 else f"{scales[0]:g}–{scales[-1]:g}"
+        notes.append(
+            f"the strength of {len(by_metadata)} module(s) is set by lora_adapter_metadata (alpha/rank = {shown}), "
+            "which A1111 and ComfyUI never read: ComfyUI applies them at alpha/rank = 1"
+        )
+    if adapter.family in UNET_FAMILIES:
+        notes.append("A1111 loads kohya-named keys only, none of this file's")
+        unmapped = [m for m in mods if _comfy_skips(m)]
+        if unmapped:
+            notes.append(
+                f"ComfyUI does not load {len(unmapped)} of {len(mods)} module(s) (diffusers-spelt UNet attention "
+                f"projections such as {unmapped[0].key.path}, or old processor-style text-encoder keys)"
+            )
+    return [*notes, TO_KOHYA] if notes else []
+
+
+def _comfy_skips(m: Any) -> bool:
+    styles = set(m.extra.get("styles", ()))
+    if m.key.component == "unet" and ATTENTION_PROJECTION.search(m.key.path):
+        return bool(styles & COMFY_UNMAPPED_UNET_ATTENTION)
+    return bool(styles & COMFY_UNMAPPED_TE)
 
 
 def inspect(
