@@ -51,7 +51,7 @@ ROUND_TRIPS: list[tuple[str, str | None, str]] = [
     ("fixtures/sd15_kohya_dora_inaxis.safetensors", None, "kohya"),
     ("realworld/lycoris-lokr-sd1/smart_falcon_4_lokr.safetensors", None, "kohya"),
 ]
-VERIFIED = re.compile(r"max \|ΔW difference\| = (\S+)")
+VERIFIED = re.compile(r"max \|ΔW difference\| [=≤] (\S+)")
 
 
 def _id(name: str) -> str:
@@ -461,3 +461,23 @@ def test_folded_alpha_keeps_ss_network_alpha_true(tmp_path: Path) -> None:
             alphas = {f.get_tensor(k).item() for k in f.keys() if k.endswith(".alpha")}  # noqa: SIM118
         assert meta["ss_network_alpha"] == "2.0" and meta["ss_network_dim"] == "2"
         assert alphas in (set(), {2.0})
+
+
+def test_peft_refuses_the_minority_type_of_a_mixed_component(tmp_path: Path) -> None:
+    """One PEFT adapter holds one type: a UNet with LoRA and LoHa modules keeps the
+    majority and names the others (it used to end in a ValueError traceback)."""
+    gen = torch.Generator().manual_seed(0)
+    path = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_"
+    tensors = {}
+    for proj in ("to_q", "to_k"):
+        tensors[f"{path}{proj}.lora_down.weight"] = torch.randn(4, 320, generator=gen)
+        tensors[f"{path}{proj}.lora_up.weight"] = torch.randn(320, 4, generator=gen)
+    for p, shape in (("hada_w1_a", (320, 4)), ("hada_w1_b", (4, 320)), ("hada_w2_a", (320, 4)), ("hada_w2_b", (4, 320))):
+        tensors[f"{path}to_v.{p}"] = torch.randn(shape, generator=gen)
+    src = tmp_path / "mixed.safetensors"
+    save_file(tensors, src)
+    err = _cli_fails(str(src), "--to", "peft", "-o", str(tmp_path / "p"), "--family", "sd1")
+    assert f"{path}to_v" in err and "one PEFT adapter holds one type" in err and "Traceback" not in err
+    _, stderr = _cli_ok(str(src), "--to", "peft", "-o", str(tmp_path / "p"), "--family", "sd1", "--skip-unsupported")
+    assert f"{path}to_v" in stderr
+    assert json.loads((tmp_path / "p" / "unet" / "adapter_config.json").read_text())["peft_type"] == "LORA"

@@ -103,6 +103,16 @@ def peft_adapter_conflicts(modules: list[AdapterModule]) -> dict[str, str]:
     returned as ``{module: reason}`` (PEFT would refuse their shapes on load)."""
     refused: dict[str, str] = {}
     for component, mods in components(modules).items():
+        kinds = Counter(PEFT_TYPES[m.network_type][0] for m in mods)
+        if len(kinds) > 1:  # one PEFT adapter has one type: the most common one stays
+            kept = kinds.most_common(1)[0][0]
+            for m in mods:
+                if PEFT_TYPES[m.network_type][0] != kept:
+                    refused[m.source_name or str(m.key)] = (
+                        f"one PEFT adapter holds one type; {component} is mostly {kept}, this module is "
+                        f"{PEFT_TYPES[m.network_type][0]}"
+                    )
+            mods = [m for m in mods if PEFT_TYPES[m.network_type][0] == kept]
         for ntype, flag, needs in ADAPTER_WIDE_FLAGS:
             votes = [(m, needs(m)) for m in mods if m.network_type == ntype]
             yes = [m for m, v in votes if v is True]
