@@ -91,3 +91,48 @@ def test_oft_source_with_inf_is_refused(tmp_path: Path) -> None:
         convert(src, "kohya", tmp_path / "out.safetensors", family="sd1", dtype="fp16")
     result = convert(src, "kohya", tmp_path / "out.safetensors", family="sd1", dtype="fp16", skip_unsupported=True)
     assert TO_Q in result.skipped and result.modules == 1
+
+
+def _measured(source: loratool.model.Adapter, out: loratool.model.Adapter) -> float:
+    """max |ΔW difference| over all modules, computed the plain way."""
+    from loratool.networks import delta_weight
+
+    worst = 0.0
+    for m in source.modules.values():
+        o = out.modules[m.key]
+        a = delta_weight(m.network_type, {k: r.load() for k, r in m.params.items()}, m.alpha, scale=m.scale)
+        b = delta_weight(o.network_type, {k: r.load() for k, r in o.params.items()}, o.alpha, tuple(a.shape), scale=o.scale)
+        worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize(("target", "dtype"), [("kohya", "fp32"), ("kohya", "bf16"), ("diffusers", None), ("diffusers", "bf16")])
+def test_factor_bound_covers_the_measured_difference(target: str, dtype: str | None, tmp_path: Path) -> None:
+    """Casts and folded alphas are verified from the factors (no out×in product): the
+    reported difference is a bound at least the measured one, and small."""
+    src = FIXTURES / "sd15_kohya_locon.safetensors"  # alpha/rank 0.25 and 0.5, fp16
+    out = tmp_path / "out.safetensors"
+    result = convert(src, target, out, dtype=dtype)
+    assert result.bounded_modules == result.modules - result.identical_modules > 0
+    measured = _measured(loratool.load(src), loratool.load(out))
+    assert measured <= result.max_abs_diff < 1e-2 * max(measured, 1e-6) + 1e-3
+
+
+def test_a_tampered_factor_is_not_taken_for_rounding(tmp_path: Path) -> None:
+    """One lora_up value 1% off in a folded diffusers file: not a rescale within rounding,
+    so ΔW is recomputed and the module is over tolerance."""
+    source = loratool.load(SRC)
+    convert(SRC, "diffusers", tmp_path / "d.safetensors")
+    key = next(k for k in load_file(str(tmp_path / "d.safetensors")) if k.endswith("lora_B.weight"))
+    tensors = load_file(str(tmp_path / "d.safetensors"))
+    t = tensors[key].clone()
+    i = int(t.float().abs().argmax())
+    t.view(-1)[i] = t.view(-1)[i] * 1.01
+    tensors[key] = t
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(tmp_path / "t.safetensors"), meta)
+    report = compare_adapters(list(source.modules.values()), loratool.load(tmp_path / "t.safetensors"))
+    assert len(report.over_tolerance) == 1 and report.bounded == len(source.modules) - 1

@@ -91,20 +91,29 @@ def split_scale(scale: float) -> tuple[float, float]:
     return math.ldexp(1.0, down), math.ldexp(mantissa, exponent - down)
 
 
-def _times(factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
+def _times(factor: float, same_dtype: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Multiply by ``factor`` with one rounding to the dtype written: in the tensor's own
+    dtype when it is kept (CPU half/bfloat16 arithmetic computes in float32 and rounds
+    once), else in float32/64 before the cast. F8 has no arithmetic kernels: float32."""
+
     def scaled(t: torch.Tensor) -> torch.Tensor:
         import torch
 
-        return (t if t.dtype in (torch.float32, torch.float64) else t.float()) * factor
+        native = (torch.float16, torch.bfloat16) if same_dtype else ()
+        return (t if t.dtype in (*native, torch.float32, torch.float64) else t.float()) * factor
 
     return scaled
 
 
-def _folded(m: AdapterModule) -> tuple[AdapterModule, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:
+def _folded(m: AdapterModule, opts: EncodeOptions) -> tuple[AdapterModule, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:
     """The module with its scale moved into the factors (alpha = rank, scale 1), and the
     tensor transforms that do it (the bias is scaled like ΔW)."""
     down, up = split_scale(m.scale)
-    transforms = {name: _times(f) for name, f in (("lora_down", down), ("lora_up", up), ("lora_up_bias", m.scale)) if f != 1.0}
+    transforms = {
+        name: _times(f, _cast(m.params[name], opts.dtype) == m.params[name].dtype)
+        for name, f in (("lora_down", down), ("lora_up", up), ("lora_up_bias", m.scale))
+        if f != 1.0 and name in m.params
+    }
     return replace(m, alpha=None), transforms
 
 
@@ -281,7 +290,7 @@ def encode_diffusers(adapter: Adapter, modules: list[AdapterModule], catalog: Ca
             spec = catalog.get(m.key.component, m.key.path)
             transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
             if folds_alpha("diffusers", m, opts):
-                m, transforms = _folded(m)
+                m, transforms = _folded(m, opts)
             written.append(m)
             tensors += _module_tensors(
                 "diffusers", m, spec, f"{component}.{m.key.path}", PEFT_LORA_KEYS.__getitem__, opts, transforms

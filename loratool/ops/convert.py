@@ -52,6 +52,7 @@ class ConvertResult:
     max_abs_diff: float | None = None  # None when verification was skipped
     identical_modules: int = 0
     folded_modules: int = 0  # diffusers: modules whose alpha/rank went into the factors
+    bounded_modules: int = 0  # modules whose difference is a rigorous bound from their factors
 
 
 def convert(
@@ -217,6 +218,7 @@ def _verify(adapter: Adapter, modules: list[AdapterModule], written: Path, resul
         raise _NonFiniteSource(report.nonfinite_source)
     result.max_abs_diff = report.max_abs_diff
     result.identical_modules = report.identical
+    result.bounded_modules = report.bounded
     if report.failures:
         raise ConversionError(
             result.output,

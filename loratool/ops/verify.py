@@ -4,6 +4,13 @@ Where a module's tensors are byte-identical and its scale is equal, its ΔW is i
 by construction (ΔW is a deterministic function of them), so no matrix product is
 needed; otherwise ΔW is recomputed from both sides in float32 and compared.
 
+A plain LoRA module whose output factors are the source's times constants (a ``--dtype``
+cast, alpha/rank folded into the factors) is checked factor by factor: each output factor
+must be the scaled source factor rounded to its dtype, and a rigorous bound on
+max |ΔW difference| follows from the measured factor errors in O(parameters) — no out×in
+product is formed. Other modules (or factors that are not such a rescale) get ΔW
+recomputed.
+
 Nothing non-finite passes: a source module whose tensors or ΔW hold NaN/Inf is listed in
 ``nonfinite_source`` (the byte-identical shortcut checks the stored bytes too), and a
 NaN/Inf that appears in the output, or a comparison that cannot be made (parameters or
@@ -27,6 +34,12 @@ if TYPE_CHECKING:
 UNIT_ROUNDOFF: dict[str, float] = {
     "F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8, "F8_E4M3": 2.0**-4, "F8_E5M2": 2.0**-3,
 }
+# LoRA factors: checked for NaN/Inf where they are used (the factor comparison refuses them).
+FACTORS = ("lora_up", "lora_down")
+# Half the spacing of subnormals per dtype: the absolute rounding error near zero.
+SUBNORMAL_ROUNDING: dict[str, float] = {
+    "F64": 2.0**-1075, "F32": 2.0**-150, "F16": 2.0**-25, "BF16": 2.0**-134, "F8_E4M3": 2.0**-10, "F8_E5M2": 2.0**-17,
+}
 
 
 @dataclass
@@ -39,6 +52,7 @@ class CompareReport:
     over_tolerance: list[str] = field(default_factory=list)
     nonfinite_source: list[str] = field(default_factory=list)  # source module names
     failures: list[str] = field(default_factory=list)  # NaN/Inf in the output, comparisons not made
+    bounded: int = 0  # modules whose difference is a rigorous bound from their factors, not measured
 
 
 def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> CompareReport:
@@ -62,7 +76,7 @@ def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> Compa
             continue
         report.recomputed += 1
         try:
-            diff, tolerance = _recompute(m, o)
+            diff, tolerance, bounded = _recompute(m, o)
         except _NotFinite:
             report.nonfinite_source.append(m.source_name or str(m.key))
             continue
@@ -72,6 +86,7 @@ def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> Compa
         if not math.isfinite(diff):
             report.failures.append(f"{m.key} (NaN/Inf in the output's ΔW)")
             continue
+        report.bounded += bounded
         if diff > tolerance:
             report.over_tolerance.append(f"{m.key} (|ΔW diff| {diff:.3g} > {tolerance:.3g})")
         if diff > report.max_abs_diff:
@@ -126,15 +141,16 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def _recompute(a: AdapterModule, b: AdapterModule) -> tuple[float, float]:
-    """(max |ΔW_a − ΔW_b| over weight, magnitude and bias; the rounding tolerance).
+def _recompute(a: AdapterModule, b: AdapterModule) -> tuple[float, float, bool]:
+    """(max |ΔW_a − ΔW_b| over weight, magnitude and bias; the rounding tolerance; whether
+    the first is a bound from the factors rather than measured on ΔW).
 
     Raises :class:`_NotFinite` when ``a`` (the source) holds NaN/Inf, :class:`_Incomparable`
     when the two cannot be compared."""
     from loratool.networks import delta_bias, delta_weight, depends_on_base
 
     ta = {k: v.load() for k, v in a.params.items()}
-    if not all(_all_finite(t) for t in ta.values()):
+    if not all(_all_finite(t) for k, t in ta.items() if k not in FACTORS):
         raise _NotFinite
     tb = {k: v.load() for k, v in b.params.items()}
     if set(ta) != set(tb):
@@ -142,16 +158,24 @@ def _recompute(a: AdapterModule, b: AdapterModule) -> tuple[float, float]:
     u = max(UNIT_ROUNDOFF.get(v.dtype, 0.0) for v in [*a.params.values(), *b.params.values()])
     shape = tuple(a.extra.get("shape") or ())
     if depends_on_base(a.network_type, set(_core(ta))):  # ΔW needs W0: compare the parameters
+        if not all(_all_finite(t) for t in ta.values()):
+            raise _NotFinite
         bound = max((t.float().abs().max().item() for t in ta.values()), default=0.0)
-        return _worst(*(_maxdiff(ta[k], tb[k]) for k in ta)), 2 * u * bound
-    dwa = delta_weight(a.network_type, _core(ta), a.alpha, shape or None, scale=a.scale)
-    if not _all_finite(dwa):
-        raise _NotFinite
-    dwb = delta_weight(b.network_type, _core(tb), b.alpha, tuple(dwa.shape), scale=b.scale)
-    diff = _maxdiff(dwa, dwb)
-    bound = delta_weight(a.network_type, {k: t.abs() for k, t in _core(ta).items()}, a.alpha, tuple(dwa.shape), scale=abs(a.scale))
-    tolerance = 8 * u * bound.abs().max().item()
-    del dwa, dwb, bound
+        return _worst(*(_maxdiff(ta[k], tb[k]) for k in ta)), 2 * u * bound, False
+    by_factors = _rescaled_factors(a, ta, b, tb)  # never accepts NaN/Inf factors
+    if by_factors is not None:
+        diff, tolerance = by_factors
+    else:
+        if not all(_all_finite(ta[k]) for k in FACTORS if k in ta):
+            raise _NotFinite
+        dwa = delta_weight(a.network_type, _core(ta), a.alpha, shape or None, scale=a.scale)
+        if not _all_finite(dwa):
+            raise _NotFinite
+        dwb = delta_weight(b.network_type, _core(tb), b.alpha, tuple(dwa.shape), scale=b.scale)
+        diff = _maxdiff(dwa, dwb)
+        bound = delta_weight(a.network_type, {k: t.abs() for k, t in _core(ta).items()}, a.alpha, tuple(dwa.shape), scale=abs(a.scale))
+        tolerance = 8 * u * bound.abs().max().item()
+        del dwa, dwb, bound
     if "dora_scale" in ta:
         diff = _worst(diff, _maxdiff(ta["dora_scale"], tb["dora_scale"]))
         tolerance = max(tolerance, 2 * u * ta["dora_scale"].float().abs().max().item())
@@ -159,12 +183,65 @@ def _recompute(a: AdapterModule, b: AdapterModule) -> tuple[float, float]:
     if ba is not None and bb is not None:
         diff = _worst(diff, _maxdiff(ba, bb))
         tolerance = max(tolerance, 8 * u * ba.abs().max().item())
-    return diff, tolerance
+    return diff, tolerance, by_factors is not None
+
+
+def _rescaled_factors(a: AdapterModule, ta: dict, b: AdapterModule, tb: dict) -> tuple[float, float] | None:
+    """(bound on max |ΔW_b − ΔW_a|, tolerance) for plain LoRA modules whose output factors
+    are the source's times constants α, β with α·β = scale_a/scale_b, each rounded to its
+    output dtype; None when they are not (the caller then recomputes ΔW).
+
+    With U' = αU + E_U and D' = βD + E_D: ΔW_b − ΔW_a = s_b·(αU·E_D + E_U·D'), so
+    |ΔW_b − ΔW_a| ≤ |s_b|·Σ_k (max_i |αU_ik|·max_j |E_D,kj| + max_i |E_U,ik|·max_j |D'_kj|)."""
+    from loratool.formats.encode import split_scale
+    from loratool.networks.base import mat
+
+    if a.network_type not in ("lora", "locon") or "lora_mid" in ta or not b.scale:
+        return None
+    import torch
+
+    wide = torch.float64 if "F64" in {r.dtype for r in (*a.params.values(), *b.params.values())} else torch.float32
+    up_a, down_a = mat(ta["lora_up"]).to(wide), mat(ta["lora_down"]).to(wide)
+    up_b, down_b = mat(tb["lora_up"]).to(wide), mat(tb["lora_down"]).to(wide)
+    if up_a.shape != up_b.shape or down_a.shape != down_b.shape:
+        return None
+    ratio = a.scale / b.scale
+    down, up = split_scale(ratio)  # how loratool splits it; other writers may have swapped it
+    for beta, alpha in ((down, up), (up, down)):
+        errors = _rescale_errors(((up_b, up_a, alpha, b.params["lora_up"]), (down_b, down_a, beta, b.params["lora_down"])))
+        if errors is not None and alpha * beta == ratio:
+            break
+    else:
+        return None
+    e_up, e_down = errors
+    col_up = up_a.abs().amax(dim=0)  # max_i |U_ik| per k
+    bound = abs(b.scale) * float(
+        (col_up * abs(alpha) * e_down.amax(dim=1)).sum() + (e_up.amax(dim=0) * down_b.abs().amax(dim=1)).sum()
+    )
+    reach = abs(a.scale) * float((col_up * down_a.abs().amax(dim=1)).sum())  # ≥ max |ΔW_a|
+    if not (math.isfinite(bound) and math.isfinite(reach)):
+        return None
+    u = max(UNIT_ROUNDOFF.get(ref.dtype, 0.0) for ref in (*a.params.values(), *b.params.values()))
+    return bound * (1 + 1e-9), 8 * u * reach
 
 
 def _worst(*diffs: float) -> float:
     """The largest difference, NaN if any is NaN (Python's ``max`` may skip a NaN)."""
     return math.nan if any(math.isnan(d) for d in diffs) else max(diffs, default=0.0)
+
+
+def _rescale_errors(pairs: tuple) -> list[Tensor] | None:
+    """|new − factor·old| per (new, old, factor, output ref), or None where some element is
+    off by more than rounding to the output's dtype (or is NaN/Inf)."""
+    errors = []
+    for new, old, factor, ref in pairs:
+        want = old * factor
+        error = (new - want).abs_()
+        allowed = want.abs_().mul_(UNIT_ROUNDOFF.get(ref.dtype, 0.0)).add_(SUBNORMAL_ROUNDING.get(ref.dtype, 0.0))
+        if not bool((error <= allowed).all()):  # also False for NaN/Inf
+            return None
+        errors.append(error)
+    return errors
 
 
 def _maxdiff(x: Tensor, y: Tensor) -> float:
