@@ -292,7 +292,7 @@ def _copy_range(sources: dict[str, int], origin: tuple[str, int, int], out_fd: i
 def _hash_offset(header: bytes, key: str) -> int:
     """Offset in ``header`` of the placeholder value of the metadata field ``key``, written
     first in ``__metadata__`` (a search for the placeholder could hit a user's value)."""
-    lead = ('{"__metadata__":{' + json.dumps(key, ensure_ascii=False) + ':"').encode("utf-8")
+    lead = ('{"__metadata__":{' + json.dumps(key, ensure_ascii=False, allow_nan=False) + ':"').encode("utf-8")
     if not header.startswith(lead + HASH_PLACEHOLDER.encode()):
         raise InputError(None, f"internal: {key} is not the first header field")
     return len(lead)
