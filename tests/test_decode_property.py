@@ -23,7 +23,13 @@ from safetensors.torch import save_file
 
 import loratool
 from loratool.errors import LoraToolError
-from loratool.networks import delta_bias, delta_weight, depends_on_base, merged_weight
+from loratool.networks import (
+    NETWORK_TYPES,
+    delta_bias,
+    delta_weight,
+    depends_on_base,
+    merged_weight,
+)
 from loratool.ops.convert import convert
 from loratool.ops.inspect import summarize
 
@@ -137,8 +143,10 @@ def _exercise(m: loratool.model.AdapterModule) -> None:
         dw = delta_weight(m.network_type, core, m.alpha, shape, base_weight=base, scale=m.scale)
         assert tuple(dw.shape) == shape
         merged_weight(m.network_type, tensors, m.alpha, base, dora_axis=m.dora_axis)
-    elif not depends_on_base(m.network_type, set(core)):
-        delta_weight(m.network_type, core, m.alpha, scale=m.scale)
+    if not depends_on_base(m.network_type, set(core)):  # the shape decode checked is the one computed
+        dw = delta_weight(m.network_type, core, m.alpha, scale=m.scale)
+        shapes = {k: tuple(t.shape) for k, t in core.items()}
+        assert tuple(dw.shape) == NETWORK_TYPES[m.network_type].delta_shape(shapes, None)
     delta_bias(m.network_type, core, m.alpha)
 
 
