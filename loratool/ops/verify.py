@@ -86,7 +86,7 @@ def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> Compa
         if not math.isfinite(diff):
             report.failures.append(f"{m.key} (NaN/Inf in the output's ΔW)")
             continue
-        report.bounded += bounded
+        report.bounded += bounded and diff > 0  # a bound of 0 is proven equality
         if diff > tolerance:
             report.over_tolerance.append(f"{m.key} (|ΔW diff| {diff:.3g} > {tolerance:.3g})")
         if diff > report.max_abs_diff:
