@@ -52,7 +52,8 @@ class CompareReport:
     over_tolerance: list[str] = field(default_factory=list)
     nonfinite_source: list[str] = field(default_factory=list)  # source module names
     failures: list[str] = field(default_factory=list)  # NaN/Inf in the output, comparisons not made
-    bounded: int = 0  # modules whose difference is a rigorous bound from their factors, not measured
+    by_factors: int = 0  # modules compared factor by factor (a rescale within rounding)
+    bounded: int = 0  # of those, with a non-zero bound (the difference is a bound, not measured)
 
 
 def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> CompareReport:
@@ -86,6 +87,7 @@ def compare_adapters(source_modules: list[AdapterModule], out: Adapter) -> Compa
         if not math.isfinite(diff):
             report.failures.append(f"{m.key} (NaN/Inf in the output's ΔW)")
             continue
+        report.by_factors += bounded
         report.bounded += bounded and diff > 0  # a bound of 0 is proven equality
         if diff > tolerance:
             report.over_tolerance.append(f"{m.key} (|ΔW diff| {diff:.3g} > {tolerance:.3g})")
