@@ -41,8 +41,8 @@ def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: flo
         mid = f32(mid)
         dw = torch.einsum("m n ..., i m, n j -> i j ...", mid, mat(up), mat(down))
         return dw * scale
-    dw = mat(up) @ mat(down)
-    return dw.reshape(out_dim, in_dim, *down.shape[2:]) * scale
+    dw = (mat(up) * scale) @ mat(down)  # scale the small factor: no pass over ΔW
+    return dw.reshape(out_dim, in_dim, *down.shape[2:])
 
 
 def bias_delta(tensors: Tensors, scale: float) -> Tensor | None:
