@@ -16,6 +16,8 @@ from loratool.errors import LoraToolError
 COMMANDS: dict[str, str] = {
     "inspect": "loratool.cli.inspect_cmd:inspect_cmd",
     "convert": "loratool.cli.convert_cmd:convert_cmd",
+    "check": "loratool.cli.check_cmd:check_cmd",
+    "merge": "loratool.cli.merge_cmd:merge_cmd",
     "search": "loratool.cli.registry_cmds:search_cmd",
     "info": "loratool.cli.registry_cmds:info_cmd",
     "lookup": "loratool.cli.registry_cmds:lookup_cmd",
