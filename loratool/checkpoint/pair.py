@@ -29,9 +29,10 @@ def pair_checkpoints(
     base: Checkpoint, tuned: Checkpoint, components: Iterable[str] | None = None
 ) -> list[ModulePair]:
     """Every catalog module of ``components`` (default: those both hold) in both
-    checkpoints, in the base's storage order. Raises :class:`InputError` naming the first
-    mismatch: another family, an unsupported family, a component or module one of them
-    lacks, a shape that differs."""
+    checkpoints, in the base's storage order (modules neither holds are left out; the
+    checkpoints' warnings name them). Raises :class:`InputError` naming the first mismatch:
+    another family, an unsupported family, a component or module one of them lacks, a
+    shape that differs."""
     if not base.supported:
         raise InputError(base.path, f"no module catalog for {base.family} checkpoints")
     if tuned.family != base.family:
@@ -41,8 +42,6 @@ def pair_checkpoints(
         for ckpt in (base, tuned):
             if c not in ckpt.components:
                 raise InputError(ckpt.path, f"has no {c}")
-    catalog = base.catalog
-    assert catalog is not None
     pairs: list[ModulePair] = []
     for ref in base.module_refs():
         spec = ref.spec
@@ -50,9 +49,9 @@ def pair_checkpoints(
             continue
         other = tuned.resolution.refs.get((spec.component, spec.path))
         if other is None:
-            raise InputError(tuned.path, f"lacks {spec.component}.{spec.path} (or holds it with another shape)")
+            raise InputError(tuned.path, f"lacks {spec.component}.{spec.path}, which the base has (or holds it with another shape)")
         pairs.append(ModulePair(spec, ref, other))
-    for spec in catalog:
-        if spec.component in wanted and (spec.component, spec.path) not in base.resolution.refs:
-            raise InputError(base.path, f"lacks {spec.component}.{spec.path} (or holds it with another shape)")
+    extra = [k for k in tuned.resolution.refs if k[0] in wanted and k not in base.resolution.refs]
+    if extra:
+        raise InputError(base.path, f"lacks {extra[0][0]}.{extra[0][1]}, which the tuned checkpoint has (or holds it with another shape)")
     return pairs

@@ -40,7 +40,7 @@ def render(report: CheckReport) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     c = report.checkpoint
     parts = ", ".join(f"{name} {v['modules']}/{v['catalog_modules']} modules {'/'.join(v['dtypes'])}" for name, v in c["components"].items())
     console.print(f"[bold]{escape(c['path'])}[/bold]: {c['layout']}, [bold]{c['family']}[/bold] ({parts})")
@@ -56,7 +56,8 @@ def _lines(lc: LoraCheck) -> list[str]:
 
     mark = "[green]fits[/green]" if lc.fits else f"[red]{lc.verdict}[/red]"
     where = ", ".join(f"{k} {n}" for k, n in lc.placed.items())
-    head = f"{mark} {escape(lc.path)} ({lc.format}, {lc.family}): {escape(lc.message)}"
+    kind = "" if lc.verdict == "wrong-family" else f" ({lc.format}, {lc.family})"
+    head = f"{mark} {escape(lc.path)}{kind}: {escape(lc.message)}"
     lines = [head + (f" ({where})" if where and lc.verdict != "wrong-family" else "")]
     lines += [f"  [red]unplaced[/red] {escape(name)}: {escape(why)}" for name, why in list(lc.unplaced.items())[:SHOWN_UNPLACED]]
     if len(lc.unplaced) > SHOWN_UNPLACED:

@@ -167,7 +167,7 @@ def _lora_check(f: Fit, ckpt: Checkpoint) -> LoraCheck:
     else:
         verdict = "partial" if f.placed else "no-match"
     notes = []
-    if f.placed:
+    if f.placed and lora_dtypes != touched:
         notes.append(
             f"LoRA tensors {'/'.join(lora_dtypes)}, checkpoint weights {'/'.join(touched)}: "
             "merge computes ΔW and the sum in fp32 and casts once to each weight's dtype"

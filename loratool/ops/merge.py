@@ -143,7 +143,8 @@ def merge(
         raise UsageError(None, "give at least one LoRA to merge")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(None, f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    dev = _device(device)
+    if device not in DEVICES:
+        raise UsageError(None, f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     out = Path(output)
     ckpt = open_checkpoint(checkpoint)
     try:
@@ -153,6 +154,7 @@ def merge(
         fits = [_fit(s, ckpt) for s in specs]
         _refuse_unplaced(fits, allow_partial)
         plan = _plan(specs, fits)
+        dev = _device(device)  # imports torch: only once everything has been checked
         result = MergeResult(
             ckpt.path, str(out), ckpt.family, ckpt.layout, dev, dtype,
             [MergedLora(s.path, f.adapter.format, s.te, s.unet, len(f.placed), f.unplaced, _autov3(s.path)) for s, f in zip(specs, fits)],
@@ -171,8 +173,6 @@ def merge(
 
 
 def _device(device: str) -> str:
-    if device not in DEVICES:
-        raise UsageError(None, f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     if device == "cpu":
         return "cpu"
     import torch
