@@ -35,7 +35,7 @@ from loratool.checkpoint.layout import WeightsFile, read_index
 from loratool.errors import ConversionError, InputError, OutputError, UsageError
 from loratool.io.hashing import compute_hashes
 from loratool.io.writer import OutTensor, atomic_path, write_safetensors
-from loratool.networks import NETWORK_TYPES, apply_dora, delta_bias, delta_weight
+from loratool.networks import NETWORK_TYPES, add_delta, apply_dora, delta_bias, delta_weight
 from loratool.ops.fit import Fit, Placed, fit, load_for
 
 if TYPE_CHECKING:
@@ -314,7 +314,8 @@ def _write(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     files = ckpt.all_files
-    jobs = [(f, _out_tensors(ckpt, f, plan, dtype, device, result)) for f in files]
+    buffers = _Buffers()
+    jobs = [(f, _out_tensors(ckpt, f, plan, dtype, device, result, buffers)) for f in files]
     total = sum(t.nbytes for _, ts in jobs for t in ts)
     done = 0
 
@@ -383,6 +384,7 @@ def _out_tensors(
     dtype: str | None,
     device: str,
     result: MergeResult,
+    buffers: _Buffers,
 ) -> list[OutTensor]:
     out = []
     for t in ckpt.file_tensors(f):
@@ -390,7 +392,7 @@ def _out_tensors(
         contribs = plan.get(t.slot)
         if contribs:
             result.tensors_merged += 1
-            out.append(OutTensor(t.key, target, t.shape, _producer(ckpt, t, contribs, target, device)))
+            out.append(OutTensor(t.key, target, t.shape, _producer(ckpt, t, contribs, target, device, buffers)))
         elif target == t.dtype and t.offset is not None:
             result.tensors_copied += 1
             out.append(OutTensor(t.key, target, t.shape, lambda t=t: ckpt.raw(t), copy_from=(t.file, t.offset)))
@@ -401,31 +403,74 @@ def _out_tensors(
 
 
 def _cast(tensor: torch.Tensor, st_dtype: str) -> torch.Tensor:
+
+    return tensor.to(_torch_dtype(st_dtype)).contiguous()
+
+
+def _torch_dtype(st_dtype: str) -> torch.dtype:
     import torch
 
     from loratool.io.safetensors import TORCH_DTYPES
 
-    return tensor.to(getattr(torch, TORCH_DTYPES[st_dtype])).contiguous()
+    return getattr(torch, TORCH_DTYPES[st_dtype])
+
+
+class _Buffers:
+    """Memory reused from one merged tensor to the next. A fresh tensor per step would be
+    page-faulted in anew each time (large allocations are mmap'd and handed back on free),
+    which costs more than the arithmetic."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, bytearray] = {}
+
+    def bytes(self, slot: str, nbytes: int) -> memoryview:
+        buf = self._bufs.get(slot)
+        if buf is None or len(buf) < nbytes:
+            buf = self._bufs[slot] = bytearray(nbytes)
+        return memoryview(buf)[:nbytes]
+
+    def tensor(self, slot: str, st_dtype: str, shape: tuple[int, ...]) -> tuple[memoryview, torch.Tensor]:
+        """A buffer of the slot and a tensor of this dtype and shape over the same memory."""
+        import torch
+
+        from loratool.io.safetensors import DTYPE_SIZES
+
+        nbytes = DTYPE_SIZES[st_dtype] * math.prod(shape)
+        view = self.bytes(slot, nbytes)
+        if not nbytes:
+            return view, torch.empty(shape, dtype=_torch_dtype(st_dtype))
+        return view, torch.frombuffer(view, dtype=torch.uint8).view(_torch_dtype(st_dtype)).view(shape)
 
 
 def _producer(
-    ckpt: Checkpoint, t: StoredTensor, contribs: list[Contribution], st_dtype: str, device: str
-) -> Callable[[], torch.Tensor]:
-    def produce() -> torch.Tensor:
+    ckpt: Checkpoint, t: StoredTensor, contribs: list[Contribution], st_dtype: str, device: str, buffers: _Buffers
+) -> Callable[[], memoryview]:
+    """Read, merge in fp32, cast once; the bytes live in a reused buffer until written."""
+
+    def produce() -> memoryview:
         import torch
 
-        value = ckpt.read(t).to(device=device, dtype=torch.float32)
+        raw, stored = buffers.tensor("in", t.dtype, t.shape)
+        ckpt.read_into(t, raw)
+        if device == "cpu":
+            value = buffers.tensor("work", "F32", t.shape)[1]
+            value.copy_(stored)
+        else:
+            value = stored.to(device=device, dtype=torch.float32)
         if contribs[0].part == "weight":
             _apply_weights(value, contribs, device)
         else:
             _apply_biases(value, contribs, device)
-        return _cast(value.cpu(), st_dtype)
+        out, result = buffers.tensor("out", st_dtype, t.shape)
+        result.copy_(value)
+        return out
 
     return produce
 
 
 def _tensors(c: Contribution, device: str) -> dict[str, torch.Tensor]:
-    return {k: ref.load().to(device) for k, ref in c.placed.module.params.items()}
+    tensors = {k: ref.load() for k, ref in c.placed.module.params.items()}
+    return tensors if device == "cpu" else {k: v.to(device) for k, v in tensors.items()}
 
 
 def _view(value: torch.Tensor, c: Contribution) -> torch.Tensor:
@@ -454,7 +499,7 @@ def _apply_weights(value: torch.Tensor, contribs: list[Contribution], device: st
             m = c.placed.module
             core = {k: v for k, v in _tensors(c, device).items() if k != "dora_scale"}
             # ΔW is linear in its scale: the LoRA weight rides along (one pass fewer)
-            view += delta_weight(m.network_type, core, m.alpha, shape, base_weight=w0, scale=m.scale * c.multiplier)
+            add_delta(view, m.network_type, core, m.alpha, base_weight=w0, scale=m.scale * c.multiplier)
         for c in later:
             m = c.placed.module
             tensors = _tensors(c, device)
