@@ -37,7 +37,8 @@ def merge_cmd(checkpoint: str, loras: tuple[str, ...], output: str, dtype: str |
 def _report(r: MergeResult) -> None:
     click.echo(
         f"wrote {r.output} ({r.family}, {r.layout}): {r.tensors_merged} tensor(s) merged, "
-        f"{r.tensors_copied} copied, {r.bytes_written / 1e9:.2f} GB, on {r.device}"
+        f"{r.tensors_copied} copied{f', {r.tensors_cast} cast' if r.tensors_cast else ''}, "
+        f"{r.bytes_written / 1e9:.2f} GB, on {r.device}"
     )
     for x in r.loras:
         click.echo(f"  {x.path}: {x.modules} module(s) at te {x.te:g}, unet {x.unet:g}")

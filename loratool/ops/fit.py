@@ -89,7 +89,7 @@ def fit(adapter: Adapter, ckpt: Checkpoint, family_ok: bool = True) -> Fit:
         result.unplaced.setdefault(key, "unrecognised key")
     n = len(result.placed)
     result.message = (
-        f"fits: {n} module(s) placed" if result.fits
+        f"{n} module(s) placed" if result.fits
         else f"{len(result.unplaced)} of {n + len(result.unplaced)} module(s)/key(s) have no place in the checkpoint"
         if result.unplaced else "nothing to place"
     )

@@ -114,7 +114,8 @@ class MergeResult:
     loras: list[MergedLora]
     files: list[str] = field(default_factory=list)
     tensors_merged: int = 0
-    tensors_copied: int = 0
+    tensors_copied: int = 0  # byte for byte
+    tensors_cast: int = 0  # untouched, but read and cast (--dtype, or a pickled input)
     bytes_written: int = 0
 
     @property
@@ -397,7 +398,7 @@ def _out_tensors(
             result.tensors_copied += 1
             out.append(OutTensor(t.key, target, t.shape, lambda t=t: ckpt.raw(t), copy_from=(t.file, t.offset)))
         else:
-            result.tensors_copied += 1
+            result.tensors_cast += 1
             out.append(OutTensor(t.key, target, t.shape, lambda t=t, d=target: _cast(ckpt.read(t), d)))
     return out
 
