@@ -227,3 +227,21 @@ def test_bias_change_without_a_bias_is_unplaced(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="changes a bias"):
         merge(ckpt, [str(tmp_path / "b.safetensors")], tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_kohya_sd2_conv_shaped_lora_on_linear_proj_in(tmp_path: Path) -> None:
+    """kohya trains SD2 with 1×1-conv projections (FORMATS §2.1): its 4-D proj_in factors
+    merge into the checkpoint's linear proj_in by element count."""
+    mod = "down_blocks.0.attentions.0.proj_in"
+    table = select(checkpoint_table("sd2"), {("unet", mod)})
+    ckpt = write_single_file(tmp_path / "sd2.safetensors", table, "F32", SEED)
+    n = _kohya("unet", mod)
+    down, up = _rand("d", 8, 320, 1, 1), _rand("u", 320, 8, 1, 1)
+    save_file({f"{n}.lora_down.weight": down, f"{n}.lora_up.weight": up, f"{n}.alpha": torch.tensor(4.0)},
+              str(tmp_path / "k.safetensors"), metadata={"ss_v2": "True"})  # fmt: skip
+    merge(ckpt, [LoraSpec(str(tmp_path / "k.safetensors"), 1.0, 0.5)], tmp_path / "out.safetensors")
+    t, p = _where(table)[f"{n}.weight"]
+    assert t.shape == (320, 320)  # linear in the checkpoint
+    want = piece_value(t, p, SEED) + 0.5 * (4.0 / 8) * (up.reshape(320, 8) @ down.reshape(8, 320))
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        _close(_get(f, t, p), want, n)
