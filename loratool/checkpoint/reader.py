@@ -103,12 +103,14 @@ class Checkpoint:
         self.path = str(path)
         self._layout: Layout = open_layout(path, variant)
         try:
-            self._index: dict[str | None, dict[str, StoredTensor]] = {}
-            for f in self._layout.files:
-                for key, entry in f.part.tensors.items():
-                    t = StoredTensor(f.path, key, entry.dtype, tuple(entry.shape), entry.offset, f.component)
-                    self._index.setdefault(f.component, {})[key] = t
             self._files = {f.path: f for f in self._layout.all_files}
+            self._stored: dict[str, list[StoredTensor]] = {}
+            self._index: dict[str | None, dict[str, StoredTensor]] = {}
+            self._owned: dict[str | None, list[StoredTensor]] = {}  # component -> its tensors
+            for f in self._layout.files:
+                for t in self.file_tensors(f):
+                    self._index.setdefault(f.component, {})[t.key] = t
+                    self._owned.setdefault(self.component_of(t)[0], []).append(t)
             self.metadata: dict[str, str] = {}
             for f in self._layout.files:
                 self.metadata.update(f.part.metadata)
@@ -152,8 +154,11 @@ class Checkpoint:
     @property
     def components(self) -> tuple[str, ...]:
         """Catalog components present (``unet``, ``text_encoder``, ``text_encoder_2``)."""
-        found = {self.component_of(t)[0] for t in self.tensors()}
-        return tuple(c for c in MODEL_COMPONENTS if c in found)
+        return tuple(c for c in MODEL_COMPONENTS if c in self._owned)
+
+    def component_tensors(self, component: str | None) -> list[StoredTensor]:
+        """The stored tensors of one component (``vae``…; None: those of no component)."""
+        return self._owned.get(component, [])
 
     @property
     def catalog(self) -> arch.Catalog | None:
@@ -171,9 +176,12 @@ class Checkpoint:
 
     def file_tensors(self, f: WeightsFile) -> list[StoredTensor]:
         """A file's tensors in storage order (pickles: as listed)."""
-        out = [StoredTensor(f.path, k, e.dtype, tuple(e.shape), e.offset, f.component) for k, e in f.part.tensors.items()]
-        if f.safetensors:
-            out.sort(key=lambda t: (t.offset or 0, t.key))
+        out = self._stored.get(f.path)
+        if out is None:
+            out = [StoredTensor(f.path, k, e.dtype, tuple(e.shape), e.offset, f.component) for k, e in f.part.tensors.items()]
+            if f.safetensors:
+                out.sort(key=lambda t: (t.offset or 0, t.key))
+            self._stored[f.path] = out
         return out
 
     def component_of(self, t: StoredTensor) -> tuple[str | None, str]:
@@ -188,10 +196,7 @@ class Checkpoint:
 
     def _detect(self, family: str | None) -> None:
         weights = [
-            (c, name, t.shape)
-            for t in self.tensors()
-            for c, name in [self.component_of(t)]
-            if c in MODEL_COMPONENTS
+            (c, self.component_of(t)[1], t.shape) for c in MODEL_COMPONENTS for t in self.component_tensors(c)
         ]
         verdict = detect(weights, self.metadata)
         self.family_evidence = [f"{self.layout} layout", *verdict.evidence]
@@ -245,9 +250,8 @@ class Checkpoint:
         catalog = self.catalog
         if catalog is None:
             return res
-        present = {self.component_of(t)[0] for t in self.tensors()}
         for spec in catalog:
-            if spec.component not in present:
+            if spec.component not in self._owned:
                 continue
             ref = self.locate(spec)
             if ref is None:

@@ -142,7 +142,7 @@ def summarize_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     components: dict[str, Any] = {}
     catalog = ckpt.catalog
     for c in ckpt.components:
-        tensors = [t for t in ckpt.tensors() if ckpt.component_of(t)[0] == c]
+        tensors = ckpt.component_tensors(c)
         components[c] = {
             "tensors": len(tensors),
             "modules": sum(1 for k in res.refs if k[0] == c),
@@ -152,7 +152,7 @@ def summarize_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     return {
         "path": ckpt.path, "layout": ckpt.layout, "family": ckpt.family,
         "family_evidence": ckpt.family_evidence, "components": components,
-        "tensors": sum(1 for _ in ckpt.tensors()), "warnings": ckpt.warnings,
+        "tensors": sum(len(ckpt.file_tensors(f)) for f in ckpt.files), "warnings": ckpt.warnings,
     }
 
 
