@@ -204,3 +204,14 @@ def test_open_checkpoint_is_exported_lazily_and_headers_need_no_torch(tmp_path: 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     family, refs, torch_loaded = json.loads(out.stdout)
     assert (family, torch_loaded) == ("sdxl", False) and refs == len(arch.get_catalog("sdxl"))
+
+
+def test_catalog_written_checkpoint_for_smoke_runs(tmp_path: Path) -> None:
+    """fixtures/checkpoints.py --catalog (no diffusers needed) writes what check accepts."""
+    from fixtures.checkpoints import write_from_catalog
+    from loratool.ops.check import check
+
+    lora = source_path("fixtures/sdxl_kohya_lora.safetensors")
+    path = write_from_catalog(tmp_path / "xl.safetensors", "sdxl", str(lora))
+    report = check([lora], path)
+    assert report.fits and report.loras[0].placed == {"text_encoder": 8, "text_encoder_2": 12, "unet": 51}
