@@ -61,6 +61,13 @@ import transformers
 from fixtures.checkpoints import FAMILIES
 family, ckpt, lora, out = sys.argv[1:5]
 fam = FAMILIES[family]
+
+def real_buffers(model):  # non-persistent buffers (CLIP position_ids) stay on meta after assign
+    for mod in model.modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.is_meta:
+                mod._buffers[name] = torch.arange(buf.shape[-1]).expand(buf.shape).to(buf.dtype).clone()
+
 sd = load_file(ckpt)
 with torch.device("meta"):
     unet = UNet2DConditionModel(**fam.unet)
@@ -76,7 +83,9 @@ for te in fam.text_encoders:
         state = sfu.convert_open_clip_checkpoint(model, part, prefix=te.prefix)
     state.pop("text_model.embeddings.position_ids", None)
     model.load_state_dict(state, assign=True, strict=False)
+    real_buffers(model)
     models[te.component] = model
+real_buffers(unet)
 vae = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
 del sd
 pipe = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline

@@ -20,11 +20,14 @@ folder) appears only when complete.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +36,7 @@ from loratool import __version__
 from loratool.checkpoint import Checkpoint, StoredTensor, open_checkpoint
 from loratool.checkpoint.layout import WeightsFile, read_index
 from loratool.errors import ConversionError, InputError, OutputError, UsageError
-from loratool.io.hashing import compute_hashes
+from loratool.io.hashing import AUTOV3_STORED, CHUNK, autov3_start
 from loratool.io.writer import OutTensor, atomic_path, write_safetensors
 from loratool.networks import NETWORK_TYPES, add_delta, apply_dora, delta_bias, delta_weight
 from loratool.ops.fit import Fit, Placed, fit, load_for
@@ -246,14 +249,24 @@ def _reasons(unplaced: dict[str, str]) -> str:
 
 
 def _autov3(path: str) -> str | None:
-    """AutoV3 of a LoRA's weights file (the folder's weights file for PEFT/diffusers folders)."""
+    """AutoV3 (12 hex digits, as Civitai shows it) of a LoRA's weights file; a folder's one
+    weights file for PEFT/diffusers folders. Only the data area is hashed."""
     from loratool.io.sources import open_source
 
     source = open_source(path)
     source.close()
     if len(source.parts) != 1 or not source.parts[0].path.endswith(".safetensors"):
         return None
-    return compute_hashes(source.parts[0].path).autov3
+    weights = source.parts[0].path
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        start = autov3_start(fh.read(8), os.fstat(fh.fileno()).st_size)
+        if start is None:
+            return None
+        fh.seek(start)
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()[:AUTOV3_STORED].upper()
 
 
 def _record(ckpt: Checkpoint, result: MergeResult) -> dict[str, str]:
@@ -315,8 +328,8 @@ def _write(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     files = ckpt.all_files
-    buffers = _Buffers()
-    jobs = [(f, _out_tensors(ckpt, f, plan, dtype, device, result, buffers)) for f in files]
+    ahead = _Ahead()
+    jobs = [(f, _out_tensors(ckpt, f, plan, dtype, device, result, ahead)) for f in files]
     total = sum(t.nbytes for _, ts in jobs for t in ts)
     done = 0
 
@@ -328,7 +341,7 @@ def _write(
             progress(done, total)
 
     folder = ckpt.layout == "diffusers"
-    with atomic_path(out, directory=folder) as tmp:
+    with _torch_threads(device), ahead, atomic_path(out, directory=folder) as tmp:
         for f, tensors in jobs:
             dest = _safetensors_name(tmp / f.relpath) if folder else tmp
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +398,7 @@ def _out_tensors(
     dtype: str | None,
     device: str,
     result: MergeResult,
-    buffers: _Buffers,
+    ahead: _Ahead,
 ) -> list[OutTensor]:
     out = []
     for t in ckpt.file_tensors(f):
@@ -393,7 +406,7 @@ def _out_tensors(
         contribs = plan.get(t.slot)
         if contribs:
             result.tensors_merged += 1
-            out.append(OutTensor(t.key, target, t.shape, _producer(ckpt, t, contribs, target, device, buffers)))
+            out.append(OutTensor(t.key, target, t.shape, ahead.add(_job(ckpt, t, contribs, target, device))))
         elif target == t.dtype and t.offset is not None:
             result.tensors_copied += 1
             out.append(OutTensor(t.key, target, t.shape, lambda t=t: ckpt.raw(t), copy_from=(t.file, t.offset)))
@@ -443,12 +456,64 @@ class _Buffers:
         return view, torch.frombuffer(view, dtype=torch.uint8).view(_torch_dtype(st_dtype)).view(shape)
 
 
-def _producer(
-    ckpt: Checkpoint, t: StoredTensor, contribs: list[Contribution], st_dtype: str, device: str, buffers: _Buffers
-) -> Callable[[], memoryview]:
-    """Read, merge in fp32, cast once; the bytes live in a reused buffer until written."""
+class _Ahead:
+    """Computes each merged tensor one step ahead on a worker thread, so its arithmetic
+    overlaps the writing (and kernel copies) before it. Two buffer sets alternate: the
+    writer has written tensor i-1's bytes before it asks for tensor i, which is when tensor
+    i+1 starts into i-1's set."""
 
-    def produce() -> memoryview:
+    def __init__(self) -> None:
+        self.jobs: list[Callable[[_Buffers], memoryview]] = []
+        self.buffers = (_Buffers(), _Buffers())
+        self.pending: dict[int, Future[memoryview]] = {}
+        self.pool: ThreadPoolExecutor | None = None
+
+    def add(self, job: Callable[[_Buffers], memoryview]) -> Callable[[], memoryview]:
+        i = len(self.jobs)
+        self.jobs.append(job)
+        return lambda: self.get(i)
+
+    def get(self, i: int) -> memoryview:
+        self._submit(i)
+        fut = self.pending.pop(i)
+        self._submit(i + 1)
+        return fut.result()
+
+    def _submit(self, i: int) -> None:
+        if i < len(self.jobs) and i not in self.pending:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="loratool-merge")
+            self.pending[i] = self.pool.submit(self.jobs[i], self.buffers[i % 2])
+
+    def __enter__(self) -> _Ahead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _torch_threads(device: str) -> Iterator[None]:
+    """On the CPU, leave a core to the writing thread: torch's own pool contending with it
+    (or with other processes) for two cores made the elementwise steps several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _job(
+    ckpt: Checkpoint, t: StoredTensor, contribs: list[Contribution], st_dtype: str, device: str
+) -> Callable[[_Buffers], memoryview]:
+    """Read, merge in fp32, cast once; the bytes live in the given buffers until written."""
+
+    def run(buffers: _Buffers) -> memoryview:
         import torch
 
         raw, stored = buffers.tensor("in", t.dtype, t.shape)
@@ -466,7 +531,7 @@ def _producer(
         result.copy_(value)
         return out
 
-    return produce
+    return run
 
 
 def _tensors(c: Contribution, device: str) -> dict[str, torch.Tensor]:
