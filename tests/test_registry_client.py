@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,7 +102,9 @@ def test_token_header_only_on_own_origin() -> None:
 def test_retry_after_parsing() -> None:
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
-    assert 0 <= (parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") or 0) == 0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
+    soon = email.utils.formatdate(time.time() + 40, usegmt=True)  # an HTTP date 40 s ahead
+    assert 30 <= (parse_retry_after(soon) or -1) <= 41
     assert RetryPolicy(max_retry_after=10).delay(0, "60") is None
     assert RetryPolicy(base=0.01).delay(0, "2") == 2.0
 
