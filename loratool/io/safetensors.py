@@ -216,9 +216,9 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._fd: int | None = None
         self.path = str(path)
         self.header = read_header(path)
-        self._fd: int | None = None
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -272,6 +272,9 @@ class SafetensorsFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def __del__(self) -> None:  # a safety net for callers that never close
+        self.close()
 
     def __enter__(self) -> SafetensorsFile:
         return self

@@ -54,8 +54,18 @@ def expand(paths: list[str]) -> list[str]:
 
 
 def load(path: str | os.PathLike[str], family: str | None = None) -> Adapter:
-    """Read a LoRA file or folder (any supported format) into a normalised Adapter."""
-    return decode(open_source(path), family=family)
+    """Read a LoRA file or folder (any supported format) into a normalised Adapter.
+
+    The adapter keeps its source open for lazy tensor reads: close it (``adapter.close()``
+    or ``with load(p) as adapter:``) when done."""
+    source = open_source(path)
+    try:
+        adapter = decode(source, family=family)
+    except BaseException:
+        source.close()
+        raise
+    adapter.attach(source.close)
+    return adapter
 
 
 @dataclass
