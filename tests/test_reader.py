@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from loratool import LoraToolError, load
 from loratool.errors import InputError, NotAnAdapterError, UnsafeInputError
-from loratool.io.safetensors import SafetensorsFile, read_header
+from loratool.io.safetensors import SafetensorsFile
 from tests.conftest import run_cli, write_raw_safetensors
 
 GOOD_HEADER = {

@@ -99,7 +99,22 @@ def decode(source: TensorSource, family: str | None = None) -> Adapter:
         names = ", ".join(sorted({g.module for g in unclassified})[:5])
         adapter.warnings.append(f"{len(unclassified)} module(s) with an incomplete or unknown parameter set: {names}")
     _resolve(adapter, modules, chosen)
+    _note_truncation(adapter, source, [m for _, m in modules])
     return adapter
+
+
+def _note_truncation(adapter: Adapter, source: TensorSource, modules: list[AdapterModule]) -> None:
+    """A file opened with ``allow_truncated`` and cut short: described from its header."""
+    part = source.truncated
+    if part is None:
+        return
+    adapter.complete = False
+    missing = sum(len(p.missing) for p in source.parts)
+    total = sum(len(p.tensors) for p in source.parts)
+    adapter.warnings.append(f"{part.truncated}; described from its header ({missing} of {total} tensors cut off)")
+    unknown = [m.source_name for m in modules if m.extra.get("alpha_unknown")]
+    if unknown:
+        adapter.warnings.append(f"alpha of {len(unknown)} module(s) lies beyond the end of the file: unknown (e.g. {unknown[0]})")
 
 
 def _group_keys(source: TensorSource) -> tuple[dict[tuple[str | None, str], _Group], list[str]]:
@@ -219,7 +234,8 @@ def _classify(
         if ntype is None:
             unclassified.append(g)
             continue
-        alpha = _alpha(g, configs, ntype, rank_of(ntype, shapes))
+        alpha_cut = "alpha" in g.params and g.params["alpha"].key in g.part.missing  # truncated file
+        alpha = None if alpha_cut else _alpha(g, configs, ntype, rank_of(ntype, shapes))
         params = {k: v for k, v in g.params.items() if k != "alpha"}
         module = AdapterModule(
             key=ModuleKey(g.component or "unknown", g.module), params=params, network_type=ntype,
@@ -228,6 +244,8 @@ def _classify(
         )
         if "alpha" in g.params:
             module.extra["alpha_dtype"] = g.params["alpha"].dtype
+        if alpha_cut:
+            module.extra["alpha_unknown"] = True
         config = _config_for(g, configs)
         if config is not None and rank_of(ntype, shapes) is None and ntype == "lokr":
             # Both LoKr factors full: kohya's scale is 1 and ignores alpha, PEFT's is alpha/r.
