@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import loratool
 from loratool.errors import InputError
@@ -237,3 +237,37 @@ def test_truncated_files_are_only_ever_described(tmp_path: Path) -> None:
             part.get(sorted(part.missing)[0])
     finally:
         source.close()
+
+
+# ---------------------------------------------------------------------------- not LoRAs
+
+
+def test_textual_inversion_embeddings_are_named(tmp_path: Path) -> None:
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(4, 768)}, "name": "myti", "step": 3000},
+               tmp_path / "a1111.pt")
+    save_file({"emb_params": torch.zeros(2, 1024)}, str(tmp_path / "a1111.safetensors"))
+    save_file({"clip_l": torch.zeros(3, 768), "clip_g": torch.zeros(3, 1280)}, str(tmp_path / "sdxl.safetensors"))
+    torch.save({"<cat-toy>": torch.zeros(768)}, tmp_path / "learned_embeds.bin")
+    result = run_cli("inspect", str(tmp_path))
+    assert result.returncode == 1
+    assert sorted(result.stderr.splitlines()) == [
+        f"error: {tmp_path / 'a1111.pt'}: a textual-inversion embedding (4 vectors, width 768: SD1), not a LoRA",
+        f"error: {tmp_path / 'a1111.safetensors'}: a textual-inversion embedding (2 vectors, width 1024: SD2), not a LoRA",
+        f"error: {tmp_path / 'learned_embeds.bin'}: a textual-inversion embedding (1 vector, width 768: SD1), not a LoRA",
+        f"error: {tmp_path / 'sdxl.safetensors'}: a textual-inversion embedding (3 vectors, width 768 + 1280: SDXL), not a LoRA",
+    ]
+
+
+def test_non_sd_peft_adapters_get_peft_labels_only(tmp_path: Path) -> None:
+    """A ViT adapter (LoRA with a modules_to_save head, and LoHa) is PEFT-labelled, of no
+    SD family, and no kohya vocabulary leaks into its description."""
+    from peft import LoHaConfig, LoraConfig, get_peft_model
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+    get_peft_model(ViTForImageClassification(cfg), LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])).save_pretrained(tmp_path / "lora")
+    get_peft_model(ViTForImageClassification(cfg), LoHaConfig(r=4, target_modules=["query", "value"])).save_pretrained(tmp_path / "loha")
+    lora, loha = inspect(tmp_path / "lora"), inspect(tmp_path / "loha")
+    assert (lora.format, lora.variant, lora.family, lora.modules) == ("peft", "lora_A/lora_B", "unknown", 4)
+    assert (loha.format, loha.variant, loha.family, loha.network_types) == ("peft", "hada_w1/hada_w2", "unknown", ["loha"])
+    assert lora.unknown_keys == ["base_model.model.classifier.bias", "base_model.model.classifier.weight"]

@@ -195,6 +195,9 @@ def _open_pickle(p: Path, config: dict[str, Any] | None, component: str | None) 
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise InputError(p, f"not a readable torch file: {str(exc).splitlines()[0][:160]}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("string_to_param"), dict):
+        # an A1111 textual-inversion .pt: keep its vectors, so that decoding can name it
+        obj = {f"string_to_param.{k}": v for k, v in obj["string_to_param"].items()}
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
