@@ -197,7 +197,14 @@ def test_select_file_prefers_primary_model_never_training_data() -> None:
     ("../../evil.safetensors", "evil.safetensors"),
     ("..\\..\\evil.safetensors", "evil.safetensors"),
     ("/abs/path/x.safetensors", "x.safetensors"),
-    ("a\x00b\x07c.safetensors", "a_b_c.safetensors"),
+    ("a\x00b\x07c.safetensors", "abc.safetensors"),
+    ("red\x1b[31mtext\x1b[0m.safetensors", "redtext.safetensors"),  # CSI sequences, whole
+    ("\x1b]0;owned\x07title.safetensors", "title.safetensors"),  # OSC (window title) ended by BEL
+    ("\x1b]8;;http://evil.example\x1b\\link\x1b]8;;\x1b\\.safetensors", "link.safetensors"),  # OSC 8 hyperlink
+    ("c1\x9b31mx\x85y.safetensors", "c1xy.safetensors"),  # 8-bit CSI and NEL
+    ("photo\u202egnp.safetensors", "photognp.safetensors"),  # right-to-left override
+    ("a\u2066b\u2069\u200fc\u2028d.safetensors", "abcd.safetensors"),  # isolates, RLM, line separator
+    ("Ünïcode ✓ 日本.safetensors", "Ünïcode ✓ 日本.safetensors"),  # ordinary text is kept
     ("CON.safetensors", "_CON.safetensors"),
     ("aux.v2.safetensors", "_aux.v2.safetensors"),
     ("...hidden.safetensors", "hidden.safetensors"),
