@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "hashing": "bench.bench_hashing",
     "convert": "bench.bench_convert",
     "download": "bench.bench_download",
+    "validate": "bench.bench_validate",
 }
 
 

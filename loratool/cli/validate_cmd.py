@@ -70,7 +70,7 @@ def validate_cmd(ctx: click.Context, paths: tuple[str, ...], strict: bool, as_js
             render(report, strict)
     if as_json:
         payload: Any = [r.to_json() for r in reports]
-        if len(paths) == 1 and not Path(paths[0]).is_dir() and reports:
+        if files == list(paths) and len(files) == 1 and reports:  # one file or adapter folder
             payload = payload[0]
         json.dump(payload, sys.stdout, indent=2, allow_nan=False, ensure_ascii=False)
         sys.stdout.write("\n")
@@ -91,9 +91,13 @@ def render(r: ValidationReport, strict: bool) -> None:
     if r.adapter:
         a = r.adapter
         what = f"  {a['format']} {a['family']} ({', '.join(a['network_types'])}, {a['modules']} modules)"
-    tally = f"{c['error']} error(s), {c['warning']} warning(s), {c['info']} info"
-    console.print(f"{status} [bold]{escape(r.path)}[/]{escape(what)} — {tally}")
+    tally = ", ".join(f"{n} {s}" for s, n in c.items() if n) or "clean"
+    console.print(f"{status} [bold]{escape(r.path)}[/]{escape(what)} — {tally}", soft_wrap=True)
     if not r.findings:
+        return
+    if not console.is_terminal:  # piped: one line per finding, for grep
+        for f in r.findings:
+            console.print(f"  {f.severity:<7}  {f.code}  {escape(f.message)}", soft_wrap=True)
         return
     table = Table(show_header=False, box=None, padding=(0, 1), pad_edge=False)
     table.add_column(no_wrap=True)

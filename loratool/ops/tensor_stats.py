@@ -2,7 +2,8 @@
 
 The data area is read front to back in blocks of whole tensors (about 16 MiB, or one
 tensor when it is larger) with ``pread``; a worker thread hashes each block while the
-main thread checks its tensors, so the pass costs about one SHA-256 of the file. A
+main thread checks its tensors (torch on one thread), so the pass costs about one SHA-256
+of the file. A
 module's tensors are processed together: those outside the current block are read with
 ``pread`` there and then (they usually sit right beside each other), so memory stays
 bounded by one block plus one module, whatever the tensor order.
@@ -220,6 +221,7 @@ def scan_safetensors(
     done: set[str] = set()
     fh = open_input(header.path)
     hasher = _Hasher(header, fh.fileno())
+    threads = _one_torch_thread()
     try:
         fd = fh.fileno()
         for block in _blocks(header):
@@ -253,6 +255,7 @@ def scan_safetensors(
                 progress(block.end - block.start)
         hasher.wait()
     finally:
+        _restore_torch_threads(threads)
         hasher.close()
         fh.close()
     stats.data_sha256 = hasher.data.hexdigest()
@@ -263,9 +266,29 @@ def scan_safetensors(
 def scan_loaded(modules: list[AdapterModule]) -> DataStats:
     """The same checks for tensors a source holds in memory (weights-only pickles)."""
     stats = DataStats()
-    for m in modules:
-        _module(stats, m, {p: ref.load() for p, ref in m.params.items()})
+    threads = _one_torch_thread()
+    try:
+        for m in modules:
+            _module(stats, m, {p: ref.load() for p, ref in m.params.items()})
+    finally:
+        _restore_torch_threads(threads)
     return stats
+
+
+def _one_torch_thread() -> int:
+    """Run the per-module math on one thread (the hash worker has the other core; torch's
+    thread pool costs more than it gains on r×r matrices, badly so on a busy machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return before
+
+
+def _restore_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _module(stats: DataStats, m: AdapterModule, tensors: dict[str, torch.Tensor]) -> None:
