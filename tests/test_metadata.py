@@ -258,3 +258,14 @@ def test_killed_in_place_rewrite_loses_nothing(tmp_path: Path) -> None:
     edit = set_metadata(src, {"modelspec.title": "newer"}, in_place=True)
     assert _meta(src)["modelspec.title"] == "newer" and edit.output == str(src)
     assert data_sha256(src) == data_before
+
+
+def test_hostile_text_never_reaches_the_terminal_raw(tmp_path: Path) -> None:
+    evil = "\x1b]0;pwned\x07\x1b[31mred\u202eabc\x9b"
+    src = clean_sd1(tmp_path / "a.safetensors", meta={"modelspec.title": evil, "ss_training_comment": f"/home/{evil}/x"})
+    for args in (("metadata", "show", str(src)), ("validate", "--header-only", str(src)),
+                 ("metadata", "show", "--json", str(src)), ("validate", "--header-only", "--json", str(src))):
+        r = run_cli(*args)
+        assert not any(c in r.stdout + r.stderr for c in "\x1b\x07\u202e\x9b"), args
+    assert "\\x1b]0;pwned" in run_cli("metadata", "show", str(src)).stdout
+    assert json.loads(run_cli("metadata", "show", "--json", str(src)).stdout)["metadata"]["modelspec.title"] == evil

@@ -454,3 +454,36 @@ def test_big_tensor_order_and_partner_reads(tmp_path: Path) -> None:
     near = validate(path)
     assert far.data_sha256 == near.data_sha256 == data_sha256(path)
     assert far.codes == near.codes == ["modelspec-missing", "unknown-keys"]
+
+
+NOT_PATHS = [
+    "https://github.com/Stability-AI/generative-models", "sd-scripts/48d368fa", "fate/grand order", "1/2",
+    "w/o background", "runwayml/stable-diffusion-v1-5", r".*layers\.(0|1)\.self_attn", "stable-diffusion-v1/lora",
+    "(512, 512)", r"smart falcon \(umamusume\)", "AC/DC", "and/or", "hf://org/repo/file", "x: /y", "/",
+]
+PATHS = {  # text -> (path found, user named, text after redaction)
+    r"C:\Users\alice\m.safetensors": (r"C:\Users\alice\m.safetensors", "alice", "m.safetensors"),
+    r"C:\Users\John Smith\Pictures\set": (r"C:\Users\John Smith\Pictures\set", "John Smith", "set"),
+    "D:/datasets/cats": ("D:/datasets/cats", None, "cats"),
+    r"\\nas\share\x": (r"\\nas\share\x", None, "x"),
+    "made in /home/bob/x today": ("/home/bob/x", "bob", "made in x today"),
+    "/Users/carol/Desktop/lora": ("/Users/carol/Desktop/lora", "carol", "lora"),
+    "~/loras/x": ("~/loras/x", None, "x"),
+    "~dave/x": ("~dave/x", "dave", "x"),
+    "file:///home/erin/x": ("file:///home/erin/x", "erin", "x"),
+    "/content/drive/MyDrive/lora": ("/content/drive/MyDrive/lora", None, "lora"),
+    "/home/frank": ("/home/frank", "frank", ""),
+}
+
+
+def test_privacy_patterns() -> None:
+    from loratool.ops.privacy import find_paths, privacy_hits, redact_paths, user_in
+
+    assert {s: find_paths(s) for s in NOT_PATHS} == {s: [] for s in NOT_PATHS}
+    for text, (path, user, redacted) in PATHS.items():
+        assert find_paths(text) == [path], text
+        assert user_in(path) == user and redact_paths(text) == redacted, text
+    thumb = {"modelspec.thumbnail": "data:image/png;base64,/9j/4AAQSkZJRg/abc/def", "x": "data:a/b/c"}
+    assert privacy_hits(thumb) == []
+    nested = privacy_hits({"ss_datasets": json.dumps([{"subsets": [{"image_dir": "/home/gina/set"}]}])})
+    assert [(h.kind, h.user) for h in nested] == [("path", "gina"), ("dataset-names", None)]

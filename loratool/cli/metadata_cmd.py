@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ def show_cmd(paths: tuple[str, ...], as_json: bool) -> None:
     failed = _each(paths, lambda p: views.append(show(p)))
     if as_json:
         payload: Any = [v.to_json() for v in views]
-        json.dump(payload[0] if len(paths) == 1 and views else payload, sys.stdout, indent=2, ensure_ascii=False)
+        json.dump(payload[0] if len(paths) == 1 and views else payload, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         for view in views:
@@ -111,7 +112,7 @@ def _each(paths: tuple[str, ...] | list[str], fn: Callable[[str], None]) -> bool
         except UsageError:
             raise
         except LoraToolError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(printable(f"error: {err}"), err=True)
             failed = True
     return failed
 
@@ -127,12 +128,25 @@ def _edit(paths: list[str], output: str | None, fn: Callable[[str, str | None], 
 def _report(edit: MetadataEdit) -> None:
     parts = [f"{label}: {_names(keys)}" for label, keys in (
         ("added", edit.added), ("changed", edit.changed), ("redacted", edit.redacted), ("removed", edit.removed)) if keys]
-    click.echo(f"wrote {edit.output}" + (f" ({'; '.join(parts)})" if parts else " (metadata unchanged)"))
+    click.echo(printable(f"wrote {edit.output}" + (f" ({'; '.join(parts)})" if parts else " (metadata unchanged)")))
     for key in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"):
         if key in edit.added or key in edit.changed:
-            click.echo(f"  {key} = {edit.metadata[key]}")
+            click.echo(f"  {key} = {printable(edit.metadata[key])}")
     for note in edit.notes:
         click.echo(f"  note: {note}")
+
+
+BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """Text from a file made harmless for a terminal: control characters (ESC, C1…) and
+    bidi overrides shown as escapes; newlines and tabs kept."""
+    return "".join(
+        c if c in "\n\t" or (unicodedata.category(c) != "Cc" and c not in BIDI)
+        else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in text
+    )
 
 
 def _names(keys: list[str], shown: int = 8) -> str:
@@ -144,11 +158,11 @@ def _render(view: MetadataView) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(show_header=False, box=None, padding=(0, 1), title=escape(view.path), title_justify="left", title_style="bold")
+    table = Table(show_header=False, box=None, padding=(0, 1), title=escape(printable(view.path)), title_justify="left", title_style="bold")
     table.add_column(style="cyan", no_wrap=True)
     table.add_column(overflow="fold")
     for key, value in view.metadata.items():
-        table.add_row(escape(key), escape(value if len(value) <= 240 else value[:239] + "…"))
+        table.add_row(escape(printable(key)), escape(printable(value if len(value) <= 240 else value[:239] + "…")))
     if not view.metadata:
         table.add_row("(none)", "")
     Console(highlight=False).print(table)

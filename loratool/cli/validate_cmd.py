@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from loratool.cli.inspect_cmd import FAMILY_CHOICES
+from loratool.cli.metadata_cmd import printable
 from loratool.ops.validate import ValidationReport, adapter_paths, validate
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -72,7 +73,7 @@ def validate_cmd(ctx: click.Context, paths: tuple[str, ...], strict: bool, as_js
         payload: Any = [r.to_json() for r in reports]
         if files == list(paths) and len(files) == 1 and reports:  # one file or adapter folder
             payload = payload[0]
-        json.dump(payload, sys.stdout, indent=2, allow_nan=False, ensure_ascii=False)
+        json.dump(payload, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
     if failed:
         sys.exit(1)
@@ -92,17 +93,17 @@ def render(r: ValidationReport, strict: bool) -> None:
         a = r.adapter
         what = f"  {a['format']} {a['family']} ({', '.join(a['network_types'])}, {a['modules']} modules)"
     tally = ", ".join(f"{n} {s}" for s, n in c.items() if n) or "clean"
-    console.print(f"{status} [bold]{escape(r.path)}[/]{escape(what)} — {tally}", soft_wrap=True)
+    console.print(f"{status} [bold]{escape(printable(r.path))}[/]{escape(what)} — {tally}", soft_wrap=True)
     if not r.findings:
         return
     if not console.is_terminal:  # piped: one line per finding, for grep
         for f in r.findings:
-            console.print(f"  {f.severity:<7}  {f.code}  {escape(f.message)}", soft_wrap=True)
+            console.print(f"  {f.severity:<7}  {f.code}  {escape(printable(f.message))}", soft_wrap=True)
         return
     table = Table(show_header=False, box=None, padding=(0, 1), pad_edge=False)
     table.add_column(no_wrap=True)
     table.add_column(no_wrap=True, style="dim")
     table.add_column(overflow="fold")
     for f in r.findings:
-        table.add_row(f"  [{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f.code, escape(f.message))
+        table.add_row(f"  [{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f.code, escape(printable(f.message)))
     console.print(table)
