@@ -11,9 +11,11 @@ file made to produce it). Severities:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 SEVERITIES = ("error", "warning", "info")
+MAX_PER_CODE = 10  # findings listed per code; the rest are counted in one more line
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,31 @@ class Finding:
 
     def to_json(self) -> dict[str, str | None]:
         return {"code": self.code, "severity": self.severity, "message": self.message, "key": self.key}
+
+
+class Collector:
+    """Findings, at most :data:`MAX_PER_CODE` per code plus one line counting the rest."""
+
+    def __init__(self) -> None:
+        self.items: list[Finding] = []
+        self.extra: Counter[str] = Counter()
+
+    def add(self, code: str, message: str, key: str | None = None) -> None:
+        assert code in CODES, code
+        if sum(f.code == code for f in self.items) >= MAX_PER_CODE:
+            self.extra[code] += 1
+        else:
+            self.items.append(Finding(code, message, key))
+
+    def group(self, code: str, what: str, names: list[str], key: str | None = None) -> None:
+        """One finding for many items: ``N what: a, b, c, …``."""
+        if names:
+            shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+            self.add(code, f"{len(names)} {what}: {shown}", key or names[0])
+
+    def findings(self) -> list[Finding]:
+        out = list(self.items)
+        for code, n in self.extra.items():
+            out.append(Finding(code, f"… and {n} more {code} finding(s)"))
+        order = {s: i for i, s in enumerate(SEVERITIES)}
+        return sorted(out, key=lambda f: order[f.severity])  # stable: checks' order kept
