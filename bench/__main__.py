@@ -17,6 +17,7 @@ BENCHES: dict[str, str] = {
     "convert": "bench.bench_convert",
     "download": "bench.bench_download",
     "catalog": "bench.bench_catalog",
+    "validate": "bench.bench_validate",
 }
 
 

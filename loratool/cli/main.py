@@ -16,6 +16,8 @@ from loratool.errors import LoraToolError
 COMMANDS: dict[str, str] = {
     "inspect": "loratool.cli.inspect_cmd:inspect_cmd",
     "convert": "loratool.cli.convert_cmd:convert_cmd",
+    "validate": "loratool.cli.validate_cmd:validate_cmd",
+    "metadata": "loratool.cli.metadata_cmd:metadata_group",
     "search": "loratool.cli.registry_cmds:search_cmd",
     "info": "loratool.cli.registry_cmds:info_cmd",
     "lookup": "loratool.cli.registry_cmds:lookup_cmd",
