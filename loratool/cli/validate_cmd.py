@@ -11,26 +11,32 @@ import click
 
 from loratool.cli.inspect_cmd import FAMILY_CHOICES
 from loratool.cli.metadata_cmd import printable
-from loratool.ops.validate import ValidationReport, adapter_paths, validate
+from loratool.library.walk import ERROR, walk
+from loratool.ops.validate import ValidationReport, validate
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
 def expand(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(paths to validate, folders that held nothing): a folder that is not itself an
-    adapter stands for the LoRA files and adapter folders under it, recursively."""
+    """(paths to validate, error lines): a folder that is not itself an adapter stands for
+    the LoRA files and adapter folders under it (the shared library walk); what could not
+    be walked, and folders that held nothing, are errors."""
     out: list[str] = []
-    empty: list[str] = []
+    errors: list[str] = []
     for path in paths:
-        p = Path(path)
-        if p.is_dir():
-            found = adapter_paths(p)
-            out.extend(str(f) for f in found)
-            if not found:
-                empty.append(path)
-        else:
+        if not Path(path).is_dir():
             out.append(path)
-    return out, empty
+            continue
+        found = 0
+        for entry in walk([path]):
+            if entry.is_adapter:
+                out.append(entry.path)
+                found += 1
+            elif entry.kind == ERROR:
+                errors.append(f"{entry.path}: {entry.reason}")
+        if not found:
+            errors.append(f"{path}: no LoRA files under this folder")
+    return out, errors
 
 
 @click.command("validate")
@@ -49,10 +55,10 @@ def validate_cmd(ctx: click.Context, paths: tuple[str, ...], strict: bool, as_js
     Exit status: 0 clean, 1 on errors (with --strict also on warnings), 2 on usage
     errors. Finding codes are listed in the README."""
     debug = bool((ctx.obj or {}).get("debug"))
-    files, empty = expand(paths)
+    files, errors = expand(paths)
     failed = False
-    for folder in empty:
-        click.echo(f"error: {folder}: no LoRA files under this folder", err=True)
+    for line in errors:
+        click.echo(f"error: {printable(line)}", err=True)
         failed = True
     reports: list[ValidationReport] = []
     for path in files:

@@ -38,13 +38,13 @@ from loratool.io.sources import (
     Part,
     TensorEntry,
     TensorSource,
-    is_adapter_dir,
     open_source,
 )
+from loratool.library.walk import walk
 from loratool.model import Adapter, ModuleKey
 from loratool.ops import validate_checks as checks
 from loratool.ops.findings import SEVERITIES, Collector, Finding
-from loratool.ops.inspect import ADAPTER_SUFFIXES, summarize
+from loratool.ops.inspect import summarize
 from loratool.ops.tensor_stats import DataStats, scan_loaded, scan_safetensors, sorted_keys_sha256
 
 # Numbers: documented thresholds (README).
@@ -99,22 +99,9 @@ class ValidationReport:
 
 
 def adapter_paths(folder: Path) -> list[Path]:
-    """The LoRA files and adapter folders under ``folder``, recursively, in path order.
-
-    A simple listing by file suffix (adapter folders count as one entry and are not
-    entered); ``scan``'s library walk will replace it."""
-    if is_adapter_dir(folder):
-        return [folder]
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        here = Path(dirpath)
-        dirnames.sort()
-        for name in list(dirnames):
-            if is_adapter_dir(here / name):
-                found.append(here / name)
-                dirnames.remove(name)
-        found += [here / f for f in filenames if Path(f).suffix.lower() in ADAPTER_SUFFIXES]
-    return sorted(found)
+    """The LoRA files and adapter folders under ``folder``, recursively (the shared
+    library walk: adapter folders are one entry, each folder is entered once)."""
+    return [Path(e.path) for e in walk([folder]) if e.is_adapter]
 
 
 def _weights_files(p: Path) -> list[Path]:
