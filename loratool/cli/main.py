@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "convert": "loratool.cli.convert_cmd:convert_cmd",
     "validate": "loratool.cli.validate_cmd:validate_cmd",
     "metadata": "loratool.cli.metadata_cmd:metadata_group",
+    "scan": "loratool.cli.scan_cmd:scan_cmd",
     "search": "loratool.cli.registry_cmds:search_cmd",
     "info": "loratool.cli.registry_cmds:info_cmd",
     "lookup": "loratool.cli.registry_cmds:lookup_cmd",
