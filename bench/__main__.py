@@ -18,6 +18,7 @@ BENCHES: dict[str, str] = {
     "download": "bench.bench_download",
     "catalog": "bench.bench_catalog",
     "validate": "bench.bench_validate",
+    "scan": "bench.bench_scan",
 }
 
 
