@@ -141,6 +141,10 @@ def test_a_scan_records_every_adapter_and_reports_the_library(tmp_path: Path) ->
     assert rep.by_network == dict(Counter(t for f in described for t in f["network_types"]))
     assert rep.duplicates is None  # nothing hashed: duplicates need --hashes
     assert result.counts == {"new": 8, "changed": 0, "unchanged": 0, "renamed": 0, "removed": 0, "errors": 3, "read": 8}
+    # unchanged broken files are not read again either; the report stays the same
+    again = scan([lib], db=db, jobs=1)
+    assert again.counts == {**result.counts, "new": 0, "unchanged": 8, "read": 0}
+    assert again.report == rep
 
 
 def _autov3(path: Path) -> str:
@@ -276,8 +280,8 @@ def test_removal_stays_under_the_scanned_roots(tmp_path: Path) -> None:
 
 def test_a_killed_scan_leaves_a_consistent_catalog_that_the_next_scan_completes(tmp_path: Path) -> None:
     lib = tmp_path / "lib"
-    src = _copy("sd15_kohya_lora.safetensors", tmp_path / "src.safetensors")
-    n = 240
+    src = _copy("sdxl_kohya_lora.safetensors", tmp_path / "src.safetensors")
+    n = 300
     for i in range(n):  # hard links: a few hundred real files, no disk used
         folder = lib / f"{i // 40:02}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -302,16 +306,16 @@ def test_a_killed_scan_leaves_a_consistent_catalog_that_the_next_scan_completes(
     assert proc.returncode == -signal.SIGKILL
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    modules = MANIFEST["sd15_kohya_lora.safetensors"]["modules"]
+    modules, family = MANIFEST["sdxl_kohya_lora.safetensors"]["modules"], MANIFEST["sdxl_kohya_lora.safetensors"]["family"]
     kept = _records(db, lib)
     assert 0 < len(kept) < n, len(kept)  # killed mid-way
-    assert all(r["modules"] == modules and r["family"] == "sd1" and r["error"] is None for r in kept.values())
+    assert all(r["modules"] == modules and r["family"] == family and r["error"] is None for r in kept.values())
     result = scan([lib], db=db, jobs=2)
     assert (result.counts["unchanged"], result.counts["new"], result.counts["read"]) == (len(kept), n - len(kept), n - len(kept))
     assert any("did not finish" in note for note in result.notes)
     full = _records(db, lib)
     assert sorted(full) == sorted(f"{i // 40:02}/{i:03}.safetensors" for i in range(n))
-    assert all(r["modules"] == modules and r["family"] == "sd1" and r["error"] is None for r in full.values())
+    assert all(r["modules"] == modules and r["family"] == family and r["error"] is None for r in full.values())
     assert result.report.errors == []
 
 
@@ -326,14 +330,25 @@ def test_the_pool_gives_the_records_one_process_gives(tmp_path: Path) -> None:
         _copy(names[i % 4], lib / f"{i:02}.safetensors")
     _copy("sd15_peft_unet_dora", lib / "peft")
     (lib / "broken.safetensors").write_bytes(b"\0" * 7)
-    one, two = tmp_path / "one.db", tmp_path / "two.db"
+    one, two, three = tmp_path / "one.db", tmp_path / "two.db", tmp_path / "three.db"
     scan([lib], db=one, jobs=1)
-    result = scan([lib], db=two, jobs=2)
+    result = scan([lib], db=two, jobs=2)  # forked workers
     assert result.counts["read"] == 54
+    # with another thread running, workers come from a fork server instead
+    code = textwrap.dedent(f"""
+        import threading
+        from loratool.library import scan
+        stop = threading.Event()
+        threading.Thread(target=stop.wait, daemon=True).start()
+        print(scan([{str(lib)!r}], db={str(three)!r}, jobs=2).counts["read"])
+        stop.set()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "54", done.stderr[-2000:]
 
     def strip(records: dict[str, dict]) -> dict[str, dict]:
         return {k: {f: v for f, v in r.items() if f != "scanned_at"} for k, r in records.items()}
-    assert strip(_records(one, lib)) == strip(_records(two, lib))
+    assert strip(_records(one, lib)) == strip(_records(two, lib)) == strip(_records(three, lib))
 
 
 def test_scanning_safetensors_never_imports_torch(tmp_path: Path) -> None:
@@ -394,7 +409,7 @@ def test_the_default_catalog_lives_in_the_users_data_folder(tmp_path: Path) -> N
     lib = tmp_path / "lib"
     _copy("sd15_kohya_lokr.safetensors", lib / "x.safetensors")
     result = run_cli("scan", str(lib), env={"XDG_DATA_HOME": str(tmp_path / "data")})
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and result.stderr == ""  # piped: no progress bar, nothing extra
     db = tmp_path / "data" / "loratool" / "catalog.sqlite3"
     assert len(_records(db, lib)) == 1
     home = run_cli("scan", "--query", "family=sd1", "--json", env={"XDG_DATA_HOME": "", "HOME": str(tmp_path / "home")},

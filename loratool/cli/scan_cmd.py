@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -83,12 +84,18 @@ def _progress_bar() -> Iterator[Progress | None]:
         TimeRemainingColumn,
     )
 
+    # No refresh thread: the pool's workers are forked, which a running thread makes unsafe.
     bar = Progress(TextColumn("reading"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True)
+                   console=console, transient=True, auto_refresh=False)
     task = bar.add_task("read", total=None)
+    shown = [0.0]
     with bar:
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
+            now = time.monotonic()
+            if now - shown[0] >= 0.1 or done == total:
+                shown[0] = now
+                bar.refresh()
         yield update
 
 

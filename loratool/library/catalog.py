@@ -39,7 +39,7 @@ CREATE TABLE files (
     autov3    TEXT,
     hashed    INTEGER NOT NULL,
     validated INTEGER NOT NULL,
-    failed    INTEGER NOT NULL,
+    retry     INTEGER NOT NULL,
     sidecars  TEXT NOT NULL,
     record    TEXT NOT NULL
 );
@@ -66,7 +66,7 @@ class Stored:
     autov3: str | None
     hashed: bool
     validated: bool
-    failed: bool  # the last read failed outright (nothing described): read again next time
+    retry: bool  # the last read was refused by the system (permissions): read again next time
     sidecars: str  # JSON list, compared as text
 
     @property
@@ -106,7 +106,7 @@ class Catalog:
     def stored_under(self, roots: Iterable[str]) -> dict[str, Stored]:
         where, args = self._where_under(roots)
         rows = self.conn.execute(
-            "SELECT path, size, mtime_ns, dev, ino, autov3, hashed, validated, failed, sidecars FROM files" + where, args)
+            "SELECT path, size, mtime_ns, dev, ino, autov3, hashed, validated, retry, sidecars FROM files" + where, args)
         return {r[0]: Stored(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7]), bool(r[8]), r[9]) for r in rows}
 
     def records(self, roots: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -131,22 +131,22 @@ class Catalog:
         return dict(self.conn.execute("SELECT key, value FROM meta"))
 
     # ------------------------------------------------------------------ writing
-    def put(self, record: dict[str, Any]) -> None:
-        """Insert or replace one record (its path is the key)."""
+    def put(self, record: dict[str, Any], retry: bool = False) -> None:
+        """Insert or replace one record (its path is the key); ``retry``: read it again
+        next time even if unchanged."""
         hashes = record.get("hashes")
         autov3 = hashes.get("autov3") if isinstance(hashes, dict) and isinstance(hashes.get("autov3"), str) else None
         self.conn.execute(
             "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record["path"], record["root"], record["size"], record["mtime_ns"], record["device"], record["inode"], autov3,
-             hashes is not None, record.get("validation") is not None,
-             record.get("error") is not None and record.get("format") is None,
+             hashes is not None, record.get("validation") is not None, retry,
              _dumps(record["sidecars"]), _dumps(record)),
         )
 
-    def move(self, old: str, record: dict[str, Any]) -> None:
+    def move(self, old: str, record: dict[str, Any], retry: bool = False) -> None:
         """A renamed file: the row at ``old`` becomes ``record`` (in the same transaction)."""
         self.conn.execute("DELETE FROM files WHERE path = ?", (old,))
-        self.put(record)
+        self.put(record, retry)
 
     def set_sidecars(self, path: str, sidecars: list[str]) -> None:
         record = self.get(path)

@@ -200,7 +200,7 @@ def _update(
             old, what = stored[src], "unchanged"
             counts["renamed"] += 1
         counts[what] += 1
-        if what == "unchanged" and not old.failed and (old.hashed or not hashes) and (old.validated or not validate):
+        if what == "unchanged" and not old.retry and (old.hashed or not hashes) and (old.validated or not validate):
             if old.path == path and old.sidecars != _json_list(sidecars[path]):
                 catalog.set_sidecars(path, sidecars[path])
                 batch.added()
@@ -218,15 +218,17 @@ def _update(
         entry = found.adapters[task.path]
         full = _assemble(entry, signatures[task.path], record, sidecars[task.path])
         src = _renamed_by_content(full, vanished) if what == "new" else None
+        # a file the system would not let us read (permissions) is retried next time
+        retry = full["error"] is not None and full["format"] is None and not os.access(task.path, os.R_OK)
         if src is not None:
-            catalog.move(src, full)
+            catalog.move(src, full, retry)
             del vanished[src]
             result.renamed.append((src, task.path))
             counts["renamed"] += 1
             counts["new"] -= 1
             counts["changed"] += 1  # a moved copy: known content, read again
         else:
-            catalog.put(full)
+            catalog.put(full, retry)
         counts["read"] += 1
         batch.added()
         if progress is not None:
@@ -300,11 +302,13 @@ def _read_all(tasks: list[ReadTask], jobs: int) -> Iterator[dict[str, Any]]:
         yield from map(read_record, tasks)
         return
     import multiprocessing
+    import threading
     from concurrent.futures import ProcessPoolExecutor
 
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if "forkserver" in methods:
+    import loratool.ops.inspect  # noqa: F401  (imported once here, inherited by forked workers)
+
+    ctx = multiprocessing.get_context(_start_method(threading.active_count()))
+    if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["loratool.library.record", "loratool.ops.inspect"])
     workers = min(jobs, len(tasks))
     chunk = max(1, min(16, len(tasks) // (workers * 8)))
@@ -315,6 +319,19 @@ def _read_all(tasks: list[ReadTask], jobs: int) -> Iterator[dict[str, Any]]:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
+
+
+def _start_method(threads: int) -> str:
+    """``fork`` on Linux when this process runs no other thread (workers start at once and
+    inherit the imports); else ``forkserver`` or ``spawn``, which import ``__main__``
+    again in each worker (guard a script's scan() with ``if __name__ == "__main__":``)."""
+    import multiprocessing
+    import sys
+
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and threads == 1 and "fork" in methods:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
 
 
 def _worker_init() -> None:
