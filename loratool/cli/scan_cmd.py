@@ -51,7 +51,7 @@ def scan_cmd(paths: tuple[str, ...], db: str | None, as_json: bool, hashes: bool
     with _progress_bar() as progress:
         result = scan(paths, db=db, hashes=hashes, validate=validate, jobs=jobs, progress=progress)
     for note in result.notes:
-        click.echo(f"note: {printable(note)}", err=True)
+        click.echo(f"note: {_one_line(note)}", err=True)
     if query is not None:
         with open_catalog(result.db) as catalog:
             _print_rows(catalog.query(query, result.roots), as_json)
@@ -62,7 +62,7 @@ def scan_cmd(paths: tuple[str, ...], db: str | None, as_json: bool, hashes: bool
         _render(result)
     if as_json or query is not None:
         for path, message in result.report.errors:
-            click.echo(f"error: {printable(path)}: {printable(message)}", err=True)
+            click.echo(f"error: {_one_line(path)}: {_one_line(message)}", err=True)
     if result.report.errors:
         sys.exit(1)
 
@@ -114,19 +114,24 @@ def _print_rows(records: list[dict[str, Any]], as_json: bool) -> None:
         return
     if not console.is_terminal:  # piped: one tab-separated line per file, for cut/grep/sort
         for r in records:
-            sys.stdout.write("\t".join(printable(c).replace("\t", " ") for c in _row(r)) + "\n")
+            sys.stdout.write("\t".join(_one_line(c) for c in _row(r)) + "\n")
         return
     table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold")
     for name in ("path", "family", "format", "network", "rank", "alpha", "modules", "size"):
         table.add_column(name, overflow="fold", no_wrap=name != "path",
                          justify="right" if name in ("rank", "alpha", "modules", "size") else "left")
     for r in records:
-        cells = [escape(printable(c)) for c in _row(r)]
+        cells = [escape(_one_line(c)) for c in _row(r)]
         if r["error"]:
             cells[0] = f"[red]{cells[0]}[/]"
         table.add_row(*cells)
     console.print(table)
     console.print(f"[dim]{len(records)} file(s)[/]")
+
+
+def _one_line(text: str) -> str:
+    """Text from a file name or a file, harmless on a terminal and kept on one line."""
+    return printable(text).replace("\n", "\\n").replace("\t", "\\t")
 
 
 def _row(r: dict[str, Any]) -> list[str]:
@@ -166,7 +171,7 @@ def _render(result: ScanResult) -> None:
     c, rep = result.counts, result.report
 
     def p(text: str) -> str:
-        return escape(printable(text))
+        return escape(_one_line(text))
 
     roots = ", ".join(_shown(r) for r in result.roots)
     out(f"[bold]scanned {p(roots)}[/]: {rep.files} adapter(s) in the catalog {p(_shown(result.db))} ({result.elapsed:.1f} s)")
