@@ -17,6 +17,9 @@ BENCHES: dict[str, str] = {
     "convert": "bench.bench_convert",
     "download": "bench.bench_download",
     "merge": "bench.bench_merge",
+    "catalog": "bench.bench_catalog",
+    "validate": "bench.bench_validate",
+    "scan": "bench.bench_scan",
 }
 
 

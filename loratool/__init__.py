@@ -41,7 +41,8 @@ __all__ = [
 def load(path: str | os.PathLike[str], family: str | None = None) -> Adapter:
     """Read a LoRA file or folder (any supported format) into a normalised Adapter.
 
-    ``family`` overrides base-model detection. No tensor data is read until asked for.
+    ``family`` overrides base-model detection. No tensor data is read until asked for;
+    the file stays open for that until ``adapter.close()`` (or use ``with load(p) as a:``).
     """
     from loratool.ops.inspect import load as _load
 

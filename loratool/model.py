@@ -114,3 +114,20 @@ class Adapter:
     unknown_keys: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     complete: bool = True
+    _closer: Callable[[], None] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def attach(self, closer: Callable[[], None]) -> None:
+        """Hand the adapter the function that releases its source's open files."""
+        self._closer = closer
+
+    def close(self) -> None:
+        """Release the source's open file handles (idempotent). Module tensors stay
+        readable: a later ``TensorRef.load()`` opens the file again until the next close."""
+        if self._closer is not None:
+            self._closer()
+
+    def __enter__(self) -> Adapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

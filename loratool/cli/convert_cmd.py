@@ -27,6 +27,8 @@ def convert_cmd(src: str, target: str, output: str, family: str | None, dtype: s
             click.echo(f"  {path}")
     if r.max_abs_diff is not None:
         click.echo(f"verified: max |ΔW difference| = {r.max_abs_diff:.3g} over {r.modules} modules ({r.identical_modules} byte-identical)")
+    for key, change in r.metadata_changes.items():
+        click.echo(f"metadata: {key} {change}: it contradicted the written family {r.family}", err=True)
     if r.skipped:
         click.echo(f"left out {len(r.skipped)} module(s)/key(s):", err=True)
         for name, why in r.skipped.items():

@@ -103,7 +103,22 @@ def decode(source: TensorSource, family: str | None = None) -> Adapter:
         names = ", ".join(sorted({g.module for g in unclassified})[:5])
         adapter.warnings.append(f"{len(unclassified)} module(s) with an incomplete or unknown parameter set: {names}")
     _resolve(adapter, modules, chosen)
+    _note_truncation(adapter, source, [m for _, m in modules])
     return adapter
+
+
+def _note_truncation(adapter: Adapter, source: TensorSource, modules: list[AdapterModule]) -> None:
+    """A file opened with ``allow_truncated`` and cut short: described from its header."""
+    part = source.truncated
+    if part is None:
+        return
+    adapter.complete = False
+    missing = sum(len(p.missing) for p in source.parts)
+    total = sum(len(p.tensors) for p in source.parts)
+    adapter.warnings.append(f"{part.truncated}; described from its header ({missing} of {total} tensors cut off)")
+    unknown = [m.source_name for m in modules if m.extra.get("alpha_unknown")]
+    if unknown:
+        adapter.warnings.append(f"alpha of {len(unknown)} module(s) lies beyond the end of the file: unknown (e.g. {unknown[0]})")
 
 
 def _group_keys(source: TensorSource) -> tuple[dict[tuple[str | None, str], _Group], list[str]]:
@@ -177,11 +192,28 @@ def _variant(fmt: str, groups: dict[Any, _Group], metadata: dict[str, str]) -> s
         parts.append("+".join(sorted({kohya_prefix(g.module) for g in groups.values() if "kohya" in g.styles})))
         if "lycoris" in metadata.get("ss_network_module", "") or params & {"hada_w1_a", "lokr_w1", "lokr_w1_a", "dora_scale"}:
             parts.append("lycoris")
-    elif fmt in ("diffusers", "comfyui", "peft"):
+    elif fmt == "peft":
+        parts.extend(sorted({label for g in groups.values() for label in _peft_labels(g)}))
+    elif fmt in ("diffusers", "comfyui"):
         parts.extend(sorted({STYLE_LABEL.get(s, s) for s in styles if s != "comfyui"}))
         if fmt == "diffusers" and not any(g.prefixed for g in groups.values()):
             parts.append("no-prefix")
     return ", ".join(p for p in parts if p)
+
+
+# PEFT's own parameter spellings, by style (and for LyCORIS-named types, by parameter prefix):
+# a PEFT folder is labelled in PEFT's terms, whatever the model it adapts.
+PEFT_STYLE_LABEL: dict[str, str] = {
+    "peft": "lora_A/lora_B", "peft-bias": "lora_A/lora_B", "peft-dora": "lora_A/lora_B",
+    "peft-ia3": "ia3_l", "peft-oft": "oft_R",
+}
+PEFT_PARAM_LABEL: dict[str, str] = {"hada_": "hada_w1/hada_w2", "lokr_": "lokr_w1/lokr_w2"}
+
+
+def _peft_labels(g: _Group) -> set[str]:
+    labels = {PEFT_STYLE_LABEL[s] for s in g.styles if s in PEFT_STYLE_LABEL}
+    labels |= {label for prefix, label in PEFT_PARAM_LABEL.items() if any(p.startswith(prefix) for p in g.params)}
+    return labels
 
 
 def _merged_metadata(source: TensorSource) -> dict[str, str]:
@@ -223,7 +255,8 @@ def _classify(
         if ntype is None:
             unclassified.append(g)
             continue
-        alpha = _alpha(g, configs, ntype, rank_of(ntype, shapes))
+        alpha_cut = "alpha" in g.params and g.params["alpha"].key in g.part.missing  # truncated file
+        alpha = None if alpha_cut else _alpha(g, configs, ntype, rank_of(ntype, shapes))
         params = {k: v for k, v in g.params.items() if k != "alpha"}
         module = AdapterModule(
             key=ModuleKey(g.component or "unknown", g.module), params=params, network_type=ntype,
@@ -232,6 +265,8 @@ def _classify(
         )
         if "alpha" in g.params:
             module.extra["alpha_dtype"] = g.params["alpha"].dtype
+        if alpha_cut:
+            module.extra["alpha_unknown"] = True
         config = _config_for(g, configs)
         if config is not None and rank_of(ntype, shapes) is None and ntype == "lokr":
             # Both LoKr factors full: kohya's scale is 1 and ignores alpha, PEFT's is alpha/r.
@@ -350,9 +385,38 @@ def _fits(spec: Any, m: AdapterModule) -> bool:
     return out_f == spec.shape[0] and in_f in (spec.shape[1], per_in)
 
 
+# Text-encoder embedding width -> the family a textual-inversion vector belongs to.
+EMBEDDING_WIDTH: dict[int, str] = {768: "SD1", 1024: "SD2", 1280: "SDXL refiner"}
+
+
+def _embedding(tensors: dict[str, tuple[int, ...]]) -> str | None:
+    """What a textual-inversion embedding is (vectors, width, family), from its keys:
+    A1111 ``emb_params`` (safetensors) or ``string_to_param.*`` (.pt), SDXL ``clip_l`` +
+    ``clip_g``, diffusers' ``learned_embeds`` (one ``<token>`` key)."""
+    if {"clip_l", "clip_g"} <= set(tensors) and len(tensors) == 2:
+        return f"{_vectors(tensors['clip_l'])}, width 768 + 1280: SDXL"
+    keys = [k for k in tensors if k == "emb_params" or k.startswith("string_to_param.")]
+    if not keys and len(tensors) == 1 and re.fullmatch(r"<[^<>]+>", next(iter(tensors))):
+        keys = list(tensors)
+    if not keys or len(keys) != len(tensors):
+        return None
+    shape = tensors[keys[0]]
+    width = shape[-1] if shape else 0
+    family = EMBEDDING_WIDTH.get(width)
+    return f"{_vectors(shape)}, width {width}" + (f": {family}" if family else "")
+
+
+def _vectors(shape: tuple[int, ...]) -> str:
+    n = shape[0] if len(shape) == 2 else 1
+    return f"{n} vector{'s' if n != 1 else ''}"
+
+
 def _no_adapter_message(source: TensorSource, unparsed: list[str]) -> str:
     total = sum(len(p.tensors) for p in source.parts)
     if total == 0:
         return "holds no tensors"
+    embedding = _embedding({k: e.shape for p in source.parts for k, e in p.tensors.items()})
+    if embedding is not None:
+        return f"a textual-inversion embedding ({embedding}), not a LoRA"
     example = unparsed[0] if unparsed else next(iter(source.parts[0].tensors))
     return f"no LoRA tensors among {total} tensors (e.g. {example!r}); is this a checkpoint rather than an adapter?"

@@ -177,8 +177,17 @@ def _read_error(path: str | os.PathLike[str], exc: OSError) -> InputError:
     return _fail(path, reasons.get(type(exc)) or f"cannot read: {exc.strerror or exc}")
 
 
-def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
-    """Read and validate the header of a safetensors file, touching only its first bytes."""
+def truncation_message(header: SafetensorsHeader) -> str:
+    end = max(t.end for t in header.tensors.values())
+    return f"truncated: tensor data needs {end} bytes but the file has {header.file_size}"
+
+
+def read_header(path: str | os.PathLike[str], *, allow_truncated: bool = False) -> SafetensorsHeader:
+    """Read and validate the header of a safetensors file, touching only its first bytes.
+
+    A file cut short after its header is an error unless ``allow_truncated`` (for
+    describing a broken download from its header: :attr:`SafetensorsHeader.complete`
+    is then False, and reading a tensor whose bytes are missing still fails)."""
     with open_input(path) as fh:
         try:
             size = os.fstat(fh.fileno()).st_size
@@ -190,9 +199,8 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         except OSError as exc:
             raise _read_error(path, exc) from None
     header = parse_header_bytes(path, head, size)
-    if not header.complete:
-        end = max(t.end for t in header.tensors.values())
-        raise _fail(path, f"truncated: tensor data needs {end} bytes but the file has {size}")
+    if not header.complete and not allow_truncated:
+        raise _fail(path, truncation_message(header))
     return header
 
 
@@ -215,10 +223,15 @@ class SafetensorsFile:
     it touched count toward its resident size).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = str(path)
-        self.header = read_header(path)
+    def __init__(self, path: str | os.PathLike[str], *, allow_truncated: bool = False) -> None:
         self._fd: int | None = None
+        self.path = str(path)
+        self.header = read_header(path, allow_truncated=allow_truncated)
+
+    def missing(self) -> frozenset[str]:
+        """Tensors whose bytes run past the end of the file (a truncated file)."""
+        size = self.header.file_size
+        return frozenset(n for n, t in self.header.tensors.items() if t.end > size)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -250,6 +263,8 @@ class SafetensorsFile:
         if info.numel == 0:
             raise InputError(self.path, f"tensor {name!r} is empty")
         raw = os.pread(self._handle(), DTYPE_SIZES[info.dtype], info.start)
+        if len(raw) < DTYPE_SIZES[info.dtype]:
+            raise InputError(self.path, f"truncated while reading tensor {name!r}")
         return decode_scalar(raw, info.dtype)
 
     def get(self, name: str) -> torch.Tensor:
@@ -272,6 +287,9 @@ class SafetensorsFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def __del__(self) -> None:  # a safety net for callers that never close
+        self.close()
 
     def __enter__(self) -> SafetensorsFile:
         return self

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import InputError, NotAnAdapterError, UnsafeInputError
-from loratool.io.safetensors import SafetensorsFile
+from loratool.io.safetensors import SafetensorsFile, truncation_message
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +54,8 @@ class Part:
     scalar: Callable[[str], float] = field(repr=False)
     close: Callable[[], None] = field(repr=False, default=lambda: None)
     raw: Callable[[str], bytes] | None = field(repr=False, default=None)  # bytes as stored
+    truncated: str | None = None  # opened with allow_truncated and cut short: what is missing
+    missing: frozenset[str] = frozenset()  # tensors whose bytes lie beyond the end of the file
 
 
 @dataclass
@@ -68,15 +70,24 @@ class TensorSource:
         for part in self.parts:
             part.close()
 
+    @property
+    def truncated(self) -> Part | None:
+        """The first part cut short (only when opened with ``allow_truncated``)."""
+        return next((p for p in self.parts if p.truncated), None)
 
-def open_source(path: str | os.PathLike[str]) -> TensorSource:
-    """Open ``path`` (file or folder) for reading; raises :class:`InputError` with a reason."""
+
+def open_source(path: str | os.PathLike[str], *, allow_truncated: bool = False) -> TensorSource:
+    """Open ``path`` (file or folder) for reading; raises :class:`InputError` with a reason.
+
+    ``allow_truncated`` opens a safetensors file whose data was cut short after an intact
+    header, for describing it from the header (inspect); its ``Part.truncated`` says so,
+    and reading a tensor whose bytes are missing still raises."""
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file or directory")
     if p.is_dir():
-        return _open_dir(p)
-    part = _open_file(p, config=None, component=None)
+        return _open_dir(p, allow_truncated)
+    part = _open_file(p, config=None, component=None, allow_truncated=allow_truncated)
     return TensorSource(str(p), "pickle" if part.raw is None else "safetensors", [part])
 
 
@@ -93,17 +104,17 @@ def is_adapter_dir(p: Path) -> bool:
     )
 
 
-def _open_dir(p: Path) -> TensorSource:
+def _open_dir(p: Path, allow_truncated: bool = False) -> TensorSource:
     config_path = p / PEFT_CONFIG
     weights = _first_existing(p, PEFT_WEIGHTS)
     if weights is not None:
         config = _read_config(config_path) if config_path.exists() else None
         if config is None:
             raise InputError(p, f"{weights.name} has no {PEFT_CONFIG} beside it")
-        return TensorSource(str(p), "peft-dir", [_open_file(weights, config, None)])
+        return TensorSource(str(p), "peft-dir", [_open_file(weights, config, None, allow_truncated=allow_truncated)])
     diffusers = _first_existing(p, DIFFUSERS_WEIGHTS)
     if diffusers is not None:
-        return TensorSource(str(p), "diffusers-dir", [_open_file(diffusers, None, None)])
+        return TensorSource(str(p), "diffusers-dir", [_open_file(diffusers, None, None, allow_truncated=allow_truncated)])
     parts = []
     for name in COMPONENT_DIRS:
         sub = p / name
@@ -112,7 +123,7 @@ def _open_dir(p: Path) -> TensorSource:
             continue
         if not (sub / PEFT_CONFIG).exists():
             raise InputError(sub, f"{sub_weights.name} has no {PEFT_CONFIG} beside it")
-        parts.append(_open_file(sub_weights, _read_config(sub / PEFT_CONFIG), name))
+        parts.append(_open_file(sub_weights, _read_config(sub / PEFT_CONFIG), name, allow_truncated=allow_truncated))
     if parts:
         return TensorSource(str(p), "peft-components", parts)
     raise NotAnAdapterError(
@@ -153,17 +164,20 @@ def _is_pickle_path(p: Path) -> bool:
     return _is_zip(p)
 
 
-def _open_file(p: Path, config: dict[str, Any] | None, component: str | None) -> Part:
+def _open_file(p: Path, config: dict[str, Any] | None, component: str | None, *, allow_truncated: bool = False) -> Part:
     if _is_pickle_path(p):
         return _open_pickle(p, config, component)
     try:
-        st = SafetensorsFile(p)
+        st = SafetensorsFile(p, allow_truncated=allow_truncated)
     except InputError:
         if p.suffix.lower() != ".safetensors" and _starts_with(p, PICKLE_MAGIC):
             return _open_pickle(p, config, component)
         raise
     tensors = {k: TensorEntry(v.dtype, v.shape, v.start) for k, v in st.tensors.items()}
-    return Part(str(p), tensors, st.metadata, config, component, st.get, st.scalar, st.close, st.read_bytes)
+    part = Part(str(p), tensors, st.metadata, config, component, st.get, st.scalar, st.close, st.read_bytes)
+    if not st.header.complete:
+        part.truncated, part.missing = truncation_message(st.header), st.missing()
+    return part
 
 
 def _open_pickle(p: Path, config: dict[str, Any] | None, component: str | None) -> Part:
@@ -186,6 +200,9 @@ def _open_pickle(p: Path, config: dict[str, Any] | None, component: str | None) 
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise InputError(p, f"not a readable torch file: {str(exc).splitlines()[0][:160]}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("string_to_param"), dict):
+        # an A1111 textual-inversion .pt: keep its vectors, so that decoding can name it
+        obj = {f"string_to_param.{k}": v for k, v in obj["string_to_param"].items()}
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

@@ -19,11 +19,13 @@ from loratool.formats.encode import (
     ENCODERS,
     TARGETS,
     EncodeOptions,
+    OutputFile,
     peft_adapter_conflicts,
     unsupported_reason,
     writes_directory,
 )
-from loratool.io.sources import open_source
+from loratool.formats.family import metadata_contradictions
+from loratool.io.sources import TensorSource, open_source
 from loratool.io.writer import atomic_path, start_sync, write_json, write_safetensors
 from loratool.model import Adapter, AdapterModule
 from loratool.ops.verify import compare_adapters
@@ -44,6 +46,9 @@ class ConvertResult:
     skipped: dict[str, str] = field(default_factory=dict)
     max_abs_diff: float | None = None  # None when verification was skipped
     identical_modules: int = 0
+    # Source metadata that named another base model than the one written, and what the
+    # output holds instead: field -> "'old' (says F) replaced by 'new'" / "… dropped".
+    metadata_changes: dict[str, str] = field(default_factory=dict)
 
 
 def convert(
@@ -69,11 +74,13 @@ def convert(
     source = open_source(src)
     try:
         adapter = decode(source, family=family)
-        _check_family(adapter)
+        _check_family(adapter, source)
         modules, skipped = _select(adapter, target, skip_unsupported)
         catalog = arch.get_catalog(adapter.family)
+        contradicted = _drop_contradicting_metadata(adapter)
         plan = ENCODERS[target](adapter, modules, catalog, EncodeOptions(dtype=DTYPES.get(dtype or "")))
         result = ConvertResult(str(src), str(out), target, adapter.family, len(modules), [], skipped)
+        result.metadata_changes = _describe_changes(contradicted, plan)
         with atomic_path(out, directory=writes_directory(target)) as tmp:
             for f in plan:
                 dest = tmp / f.relpath if f.relpath else tmp
@@ -107,17 +114,64 @@ def _inside(child: Path, parent: Path) -> bool:
     return child != parent and parent in child.parents
 
 
-def _check_family(adapter: Adapter) -> None:
+def _check_family(adapter: Adapter, source: TensorSource) -> None:
+    """Refuse an adapter of no convertible family; suggest ``--family`` only for the
+    families whose catalog really holds every module (by name and shape)."""
     if adapter.family in CONVERTIBLE_FAMILIES:
         return
-    fits = next((e.removeprefix("ambiguous: fits ") for e in adapter.family_evidence if e.startswith("ambiguous: fits ")), None)
+    if adapter.family != "unknown":
+        raise ConversionError(
+            adapter.path, f"convert supports {', '.join(CONVERTIBLE_FAMILIES)}; this adapter is {adapter.family}"
+        )
+    fits = [f for f in CONVERTIBLE_FAMILIES if _fits_catalog(source, f)]
+    if len(fits) > 1:
+        raise ConversionError(adapter.path, f"the base model is ambiguous: its modules fit {', '.join(fits)}; pass --family")
     if fits:
-        raise ConversionError(adapter.path, f"the base model is ambiguous: fits {fits}; pass --family")
-    if adapter.family == "unknown":
-        raise ConversionError(adapter.path, "cannot tell the base model family; pass --family")
+        raise ConversionError(
+            adapter.path, f"cannot tell the base model family; its modules fit only the {fits[0]} catalog "
+            f"(pass --family {fits[0]} if that is its base model)",
+        )
+    example = next(iter(adapter.modules.values())).source_name
     raise ConversionError(
-        adapter.path, f"convert supports {', '.join(CONVERTIBLE_FAMILIES)}; this adapter is {adapter.family}"
+        adapter.path, f"not an adapter for {', '.join(CONVERTIBLE_FAMILIES)}: its modules are in none of their "
+        f"catalogs (e.g. {example!r})",
     )
+
+
+def _fits_catalog(source: TensorSource, family: str) -> bool:
+    adapter = decode(source, family=family)
+    return not adapter.unknown_keys and all(m.resolved for m in adapter.modules.values())
+
+
+# The PEFT config field naming a base model (checked like the metadata fields).
+BASE_MODEL_CONFIG_FIELD = "base_model_name_or_path"
+
+
+def _drop_contradicting_metadata(adapter: Adapter) -> dict[str, tuple[str, str]]:
+    """Remove from the adapter (before encoding) every field naming another family than
+    the one written: field -> (old value, the family it named). Encoders then write the
+    written family's own values where their format has one."""
+    dropped: dict[str, tuple[str, str]] = {}
+    for key, named in metadata_contradictions(adapter.metadata, adapter.family).items():
+        dropped[key] = (adapter.metadata.pop(key), named)
+    config = adapter.config or {}
+    base = config.get(BASE_MODEL_CONFIG_FIELD)
+    if isinstance(base, str):
+        for key, named in metadata_contradictions({BASE_MODEL_CONFIG_FIELD: base}, adapter.family).items():
+            adapter.config = {**config, key: None}
+            dropped[key] = (base, named)
+    return dropped
+
+
+def _describe_changes(dropped: dict[str, tuple[str, str]], plan: list[OutputFile]) -> dict[str, str]:
+    written: dict[str, str] = {}
+    for f in plan:
+        written.update(f.metadata)
+        written.update({k: v for k, v in (f.config or {}).items() if isinstance(v, str)})
+    return {
+        key: f"{old!r} (says {named}) " + (f"replaced by {written[key]!r}" if key in written else "dropped")
+        for key, (old, named) in dropped.items()
+    }
 
 
 def _select(adapter: Adapter, target: str, skip: bool) -> tuple[list[AdapterModule], dict[str, str]]:
@@ -126,7 +180,7 @@ def _select(adapter: Adapter, target: str, skip: bool) -> tuple[list[AdapterModu
     refused: dict[str, str] = {}
     for m in adapter.modules.values():
         reason = unsupported_reason(target, m)
-        if reason is None and not m.resolved and target != "kohya":
+        if reason is None and not m.resolved:  # every target: a kohya name too must be a real module's
             reason = f"no module of the {adapter.family} catalog has this name and shape, so it has no {target} name"
         if reason is None:
             keep.append(m)
