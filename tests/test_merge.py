@@ -40,7 +40,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import loratool
 
     d = tmp_path_factory.mktemp("base")
-    mods = {(m.key.component, m.key.path) for m in loratool.load(source_path(LORA)).modules.values()}
+    with loratool.load(source_path(LORA)) as adapter:
+        mods = {(m.key.component, m.key.path) for m in adapter.modules.values()}
     table = select(checkpoint_table("sd1"), mods)
     meta = {"modelspec.title": "base", "sshs_model_hash": "0" * 64, "note": "kept"}
     return {"table": table, "single": write_single_file(d / "base.safetensors", table, "F16", SEED, metadata=meta), "dir": d}
@@ -189,7 +190,8 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An fp32 checkpoint large enough (~110 MB) to be caught in the middle of writing."""
     import loratool
 
-    mods = {(m.key.component, m.key.path) for m in loratool.load(source_path(LORA)).modules.values()}
+    with loratool.load(source_path(LORA)) as adapter:
+        mods = {(m.key.component, m.key.path) for m in adapter.modules.values()}
     table = select(checkpoint_table("sd1"), mods | {("unet", "down_blocks.3.resnets.0.conv1"), ("unet", "up_blocks.0.resnets.0.conv1")})
     return write_single_file(tmp_path_factory.mktemp("big") / "big.safetensors", table, "F32", SEED)
 

@@ -129,7 +129,8 @@ def check(loras: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str] 
             except LoraToolError as err:
                 report.errors.append({"path": str(path), "error": err.message})
                 continue
-            report.loras.append(_lora_check(fit(adapter, ckpt, same), ckpt))
+            with adapter:
+                report.loras.append(_lora_check(fit(adapter, ckpt, same), ckpt))
         return report
     finally:
         if ckpt is not base:

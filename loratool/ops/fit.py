@@ -57,12 +57,14 @@ class Fit:
 def load_for(path: str | os.PathLike[str], ckpt: Checkpoint) -> tuple[Adapter, bool]:
     """Read a LoRA for this checkpoint: (adapter, family agrees). A LoRA whose own detection
     names no family (e.g. a CLIP-L text-encoder LoRA: SD1 or SDXL) is read as the
-    checkpoint's family; one detected as another family is returned as it is."""
+    checkpoint's family; one detected as another family is returned as it is. The caller
+    closes the adapter."""
     adapter = load(path)
     if adapter.family == ckpt.family:
         return adapter, True
     if adapter.family in KNOWN_FAMILIES:
         return adapter, False
+    adapter.close()
     return load(path, family=ckpt.family), True
 
 

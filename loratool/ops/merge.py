@@ -151,11 +151,13 @@ def merge(
         raise UsageError(None, f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     out = Path(output)
     ckpt = open_checkpoint(checkpoint)
+    fits: list[Fit] = []
     try:
         _check_output(ckpt, [s.path for s in specs], out, force)
         if not ckpt.supported:
             raise InputError(ckpt.path, f"is {ckpt.family}; loratool merges into sd1, sd2, sdxl and sdxl-refiner checkpoints")
-        fits = [_fit(s, ckpt) for s in specs]
+        for s in specs:
+            fits.append(_fit(s, ckpt))
         _refuse_unplaced(fits, allow_partial)
         plan = _plan(specs, fits)
         dev = _device(device)  # imports torch: only once everything has been checked
@@ -169,6 +171,8 @@ def merge(
         except OSError as exc:
             raise OutputError(out, f"cannot write: {exc.strerror or exc}") from None
     finally:
+        for f in fits:
+            f.adapter.close()
         ckpt.close()
     return result
 
@@ -222,10 +226,10 @@ def _same_file(a: Path, b: Path) -> bool:
 def _fit(spec: LoraSpec, ckpt: Checkpoint) -> Fit:
     adapter, same = load_for(spec.path, ckpt)
     f = fit(adapter, ckpt, same)
-    if not f.family_ok:
-        raise ConversionError(spec.path, f.message)
-    if not f.placed:
-        raise ConversionError(spec.path, f"no module of this LoRA has a place in the checkpoint ({_reasons(f.unplaced)})")
+    if not f.family_ok or not f.placed:
+        adapter.close()
+        why = f.message if not f.family_ok else f"no module of this LoRA has a place in the checkpoint ({_reasons(f.unplaced)})"
+        raise ConversionError(spec.path, why)
     return f
 
 
