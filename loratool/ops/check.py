@@ -19,45 +19,23 @@ from typing import Any
 from loratool.checkpoint import Checkpoint, open_checkpoint
 from loratool.errors import InputError, LoraToolError
 from loratool.model import Adapter
+from loratool.ops.findings import Collector
 from loratool.ops.fit import Fit, fit, load_for
+from loratool.ops.validate_checks import check_interop
 
-# (condition on the adapter, what the ecosystem does with it silently). FORMATS.md §3.1,
-# §5.2-§5.3, §6.2, §6.8, §9.
+# Traps ``validate`` does not name (it checks a LoRA alone; these concern loaders too):
+# (condition on the adapter, what the ecosystem does with it silently). FORMATS.md §3.1, §5.3.
 Trap = tuple[Callable[[Adapter], bool], str]
 TRAPS: tuple[Trap, ...] = (
     (
-        lambda a: any(m.extra.get("clip_without_text_model") for m in a.modules.values()),
-        "text-encoder modules are named without CLIP's `text_model.` level (saved under transformers >= 5): "
-        "A1111, ComfyUI, kohya and PEFT under transformers 4.x match none of them and leave the text encoder "
-        "unchanged without an error (loratool places them)",
-    ),
-    (
-        lambda a: a.format == "peft"
-        and any(m.key.component.startswith("text_encoder") and not m.extra.get("clip_without_text_model") for m in a.modules.values()),
-        "PEFT text-encoder adapter with `text_model.` paths: PEFT under transformers >= 5 matches none of them "
-        "and loads it as zeros without an error (A1111, ComfyUI, diffusers and this merge read it correctly)",
-    ),
-    (
-        lambda a: "mixed-names" in a.variant,
-        "mixes SGM and diffusers UNet names: diffusers' loader keeps one naming and silently drops the other's keys",
-    ),
-    (
         lambda a: any(m.dora for m in a.modules.values()) and a.format != "peft",
-        "DoRA: diffusers' loaders drop dora_scale with a log line (the LoRA then loads as plain LoRA); "
+        "dora-dropped: diffusers' loaders drop dora_scale with a log line (the LoRA then loads as plain LoRA); "
         "A1111 normalises per input column whatever the file's axis",
     ),
     (
-        lambda a: any(m.network_type in ("loha", "lokr") for m in a.modules.values()),
-        "LoHa/LoKr: diffusers' SD/SDXL loaders cannot load these",
-    ),
-    (
-        lambda a: any(m.network_type == "ia3" for m in a.modules.values()),
-        "IA3: ComfyUI does not load IA3 modules ('lora key not loaded')",
-    ),
-    (
         lambda a: a.family == "sdxl" and any(m.source_name == "lora_unet_up_blocks_0_upsamplers_0_conv" for m in a.modules.values()),
-        "A1111 maps the diffusers-named lora_unet_up_blocks_0_upsamplers_0_conv to output_blocks_2_1_conv, "
-        "which SDXL does not have, and skips it",
+        "a1111-sdxl-upsampler: A1111 maps the diffusers-named lora_unet_up_blocks_0_upsamplers_0_conv to "
+        "output_blocks_2_1_conv, which SDXL does not have, and skips it",
     ),
 )
 FP8 = ("F8_E4M3", "F8_E5M2")
@@ -179,5 +157,13 @@ def _lora_check(f: Fit, ckpt: Checkpoint) -> LoraCheck:
         path=a.path, format=a.format, family=a.family, verdict=verdict, message=f.message,
         placed=dict(sorted(Counter(p.module.key.component for p in f.placed).items())),
         unplaced=f.unplaced, lora_dtypes=lora_dtypes, checkpoint_dtypes=touched, notes=notes,
-        warnings=[*a.warnings, *(msg for cond, msg in TRAPS if f.family_ok and cond(a))],
+        warnings=[*a.warnings, *(_traps(a) if f.family_ok else [])],
     )
+
+
+def _traps(adapter: Adapter) -> list[str]:
+    """What loaders do to this LoRA silently: validate's interop findings (``code: message``)
+    and the loader traps above."""
+    found = Collector()
+    check_interop(adapter, found)
+    return [f"{x.code}: {x.message}" for x in found.findings()] + [msg for cond, msg in TRAPS if cond(adapter)]
