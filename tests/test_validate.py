@@ -173,7 +173,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], dict, set[str]]] = {
     "pickle-file": (lambda tmp: _pickle(tmp, kohya_tensors(), "lora.pt"), {"allow_pickle": True}, {"pickle-file"}),
     "te-missing-text-model": (lambda tmp: peft_dir(tmp / "te5", {f"encoder.layers.{i}.self_attn.q_proj": (768, 768) for i in range(2)},
                                                    clip_peft_config(base_model_name_or_path="runwayml/stable-diffusion-v1-5")),
-                              {}, {"te-missing-text-model", "family-unknown"}),  # nothing CLIP-like to see
+                              {}, {"te-missing-text-model"}),  # decoded as CLIP (widths + base model): sd1
     "te-transformers5": (lambda tmp: peft_dir(tmp / "te4", {f"text_model.encoder.layers.{i}.self_attn.q_proj": (768, 768) for i in range(2)},
                                               clip_peft_config(base_model_name_or_path="runwayml/stable-diffusion-v1-5")),
                          {}, {"te-transformers5"}),
