@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import warnings
 
 import click
 
@@ -67,6 +68,8 @@ def report_error(err: LoraToolError) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: map loratool's errors to one line and an exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    # torch warns on first use when numpy is absent; numpy is not needed (nor a dependency).
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
         cli.main(args=argv, prog_name="loratool", standalone_mode=False)
     except LoraToolError as err:

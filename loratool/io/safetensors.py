@@ -7,6 +7,7 @@ only by :meth:`SafetensorsFile.get`.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -259,7 +260,7 @@ class SafetensorsFile:
         info = self.header.tensors[name]
         tensor = torch.empty(info.shape, dtype=getattr(torch, TORCH_DTYPES[info.dtype]))
         if info.numel:
-            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            view = tensor_memory(tensor)
             done = 0
             while done < info.nbytes:
                 n = os.preadv(self._handle(), [view[done:]], info.start + done)
@@ -278,6 +279,21 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def tensor_memory(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory, without copying.
+
+    Built with :mod:`ctypes` rather than ``tensor.numpy()``: numpy is not a dependency
+    (the CPU torch wheel does not bring it). The view keeps the tensor alive."""
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("tensor_memory needs a contiguous CPU tensor")
+    n = tensor.numel() * tensor.element_size()
+    if n == 0:
+        return memoryview(bytearray())
+    buffer = (ctypes.c_ubyte * n).from_address(tensor.data_ptr())
+    buffer._owner = tensor  # type: ignore[attr-defined]  # the memory lives as long as the view
+    return memoryview(buffer).cast("B")
 
 
 def is_safetensors_prefix(prefix: bytes, total_size: int | None = None) -> bool:

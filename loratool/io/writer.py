@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from loratool.errors import InputError
-from loratool.io.safetensors import DTYPE_SIZES, TORCH_DTYPES
+from loratool.io.safetensors import DTYPE_SIZES, TORCH_DTYPES, tensor_memory
 
 if TYPE_CHECKING:
     import torch
@@ -303,10 +303,7 @@ def _bytes_of(t: OutTensor) -> memoryview | bytes:
         raise InputError(
             None, f"internal: {t.key} produced {st_dtype(tensor)}{tuple(tensor.shape)}, expected {t.dtype}{t.shape}"
         )
-    import torch
-
-    flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return tensor_memory(tensor.detach().cpu().contiguous()).toreadonly()
 
 
 def write_json(path: Path, obj: object) -> None:
