@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from loratool.errors import LoraToolError
+from loratool.cli.main import FileErrors
 from loratool.ops.inspect import InspectReport, expand, inspect
 
 FAMILY_CHOICES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux")
@@ -25,27 +25,24 @@ def inspect_cmd(paths: tuple[str, ...], as_json: bool, hashes: bool, keys: bool,
 
     A folder that is not itself an adapter (PEFT/diffusers layout) stands for the LoRA
     files directly inside it."""
-    reports: list[InspectReport] = []
-    failed = 0
+    reports: list[dict[str, Any]] = []
+    errors = FileErrors()
     paths = tuple(expand(list(paths)))
     for path in paths:
-        try:
+        with errors.guard(path):
             report = inspect(path, hashes=hashes, keys=keys, family=family)
-        except LoraToolError as err:
-            click.echo(f"error: {err}", err=True)
-            failed += 1
-            continue
-        reports.append(report)
-        if not as_json:
-            render(report)
+            if as_json:
+                fields = report.to_json()
+                json.dumps(fields, allow_nan=False)  # one that is not strict JSON fails here, alone
+                reports.append(fields)
+            else:
+                render(report)
     if as_json:
-        payload: Any = [r.to_json() for r in reports]
-        if len(paths) == 1 and reports:
-            payload = payload[0]
-        json.dump(payload, sys.stdout, indent=2)
+        payload: Any = reports[0] if len(paths) == 1 and reports else reports
+        json.dump(payload, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
-    if failed:
-        sys.exit(1)
+    if errors.exit_code:
+        sys.exit(errors.exit_code)
 
 
 def render(r: InspectReport) -> None:
