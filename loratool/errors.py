@@ -40,6 +40,10 @@ class UsageError(LoraToolError):
     exit_code = 2
 
 
+class OutputError(LoraToolError):
+    """An output that cannot be written (permissions, a full disk, a read-only file system)."""
+
+
 class ConversionError(LoraToolError):
     """A conversion that cannot be done without losing something."""
 

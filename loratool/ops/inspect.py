@@ -48,7 +48,9 @@ def expand(paths: list[str]) -> list[str]:
         p = Path(path)
         files = []
         if p.is_dir() and not is_adapter_dir(p):
-            files = sorted(str(c) for c in p.iterdir() if c.is_file() and c.suffix.lower() in ADAPTER_SUFFIXES)
+            # Anything named like an adapter that is not a folder is listed, even a broken
+            # link, a symlink loop or a FIFO: reading it says what is wrong (never hangs).
+            files = sorted(str(c) for c in p.iterdir() if not c.is_dir() and c.suffix.lower() in ADAPTER_SUFFIXES)
         out.extend(files or [path])
     return out
 
