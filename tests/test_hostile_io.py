@@ -231,3 +231,17 @@ def test_fetch_into_a_read_only_folder(read_only: Path, tmp_path: Path) -> None:
         assert result.returncode == 1 and "Permission denied" in result.stderr and len(result.stderr.splitlines()) == 1
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert list(read_only.iterdir()) == []
+
+
+def test_sub_byte_factors_are_copied_as_stored(tmp_path: Path) -> None:
+    """F4/F6 (sub-byte) tensors, valid for safetensors, are sized in bits by the writer."""
+    n = {"F4": 18, "F6_E2M3": 27}
+    for dtype, size in n.items():
+        header = {"lora_unet_conv_in.lora_down.weight": {"dtype": dtype, "shape": [1, 4, 3, 3], "data_offsets": [0, size]},
+                  "lora_unet_conv_in.lora_up.weight": {"dtype": "F16", "shape": [320, 1, 1, 1], "data_offsets": [size, size + 640]}}
+        path = write_header(tmp_path / f"{dtype}.safetensors", json.dumps(header).encode(), size + 640)
+        out = tmp_path / f"{dtype}_out.safetensors"
+        result = run_cli("convert", str(path), "--to", "kohya", "--family", "sd1", "-o", str(out))
+        assert result.returncode == 0 and "1 byte-identical" in result.stdout, result.stderr
+        one_error(run_cli("convert", str(path), "--to", "kohya", "--family", "sd1", "--dtype", "bf16", "-o", str(out), "--force"),
+                  path, f"this torch cannot hold {dtype} data")

@@ -107,6 +107,10 @@ def _one_line(text: str, limit: int | None = None) -> str:
     return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    click.echo(f"warning: {_one_line(str(message), 300)}", err=True)
+
+
 def debug_enabled() -> bool:
     ctx = click.get_current_context(silent=True)
     return bool(ctx and (ctx.find_root().obj or {}).get("debug"))
@@ -147,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     # torch warns on first use when numpy is absent; numpy is not needed (nor a dependency).
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    if not debug:  # a library's warning is one line too, without its source line
+        warnings.showwarning = _show_warning
     # Names that are not valid Unicode (undecodable file names, pickle keys) print as
     # escapes instead of failing the whole output.
     with contextlib.suppress(AttributeError, ValueError):

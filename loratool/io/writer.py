@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from loratool.errors import InputError, OutputError
-from loratool.io.safetensors import DTYPE_SIZES, TORCH_DTYPES, tensor_memory
+from loratool.io.safetensors import DTYPE_BITS, TORCH_DTYPES, tensor_memory
 
 if TYPE_CHECKING:
     import torch
@@ -42,10 +42,10 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_SIZES[self.dtype]
+        n = DTYPE_BITS[self.dtype]  # sub-byte dtypes (F4, F6) fill whole bytes, or the header is refused
         for d in self.shape:
             n *= d
-        return n
+        return n // 8
 
 
 def st_dtype(t: torch.Tensor) -> str:
