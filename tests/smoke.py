@@ -147,6 +147,10 @@ STEPS: list[Step] = [
          check=all_of(error_line("not a safetensors file"), json_out(_reports(1), "one report"))),
     Step("inspect {work}/missing.safetensors", code=1, check=error_line("no such file")),
     Step("inspect {work}/evil.pt", code=1, check=all_of(error_line("refused to unpickle"), exists("pwned", present=False))),
+    Step("inspect {work}/pipe.safetensors", code=1, check=error_line("named pipe (FIFO)")),
+    Step("inspect {work}/loop.safetensors", code=1, check=error_line("symlink loop")),
+    Step("inspect --json {work}/cut.pt {work}/lora.pt", code=1,
+         check=all_of(error_line("not a readable torch file"), json_out(_reports(1), "one report"))),
     # convert: each target, with and without --dtype, from safetensors, folders and pickles
     Step("convert {fixtures}/sd15_diffusers.safetensors --to kohya -o {work}/kohya.safetensors", check=stdout_has("verified")),
     Step("convert {fixtures}/sd15_diffusers.safetensors --to kohya --dtype bf16 -o {work}/kohya_bf16.safetensors",
@@ -236,6 +240,10 @@ def prepare(work: Path) -> None:
     torch.save(state, work / "lora.pt", _use_new_zipfile_serialization=False)  # raw pickle
     (work / "bad.safetensors").write_bytes(struct.pack("<Q", 4) + b"{nope")
     (work / "evil.pt").write_bytes(pickle.dumps({"lora_unet_x.lora_down.weight": _Evil(work / "pwned")}))
+    (work / "cut.pt").write_bytes((work / "lora.pt").read_bytes()[:5000])  # a truncated raw pickle
+    os.mkfifo(work / "pipe.safetensors")
+    (work / "loop.safetensors").symlink_to(work / "loop2.safetensors")
+    (work / "loop2.safetensors").symlink_to(work / "loop.safetensors")
     reg = work / "registry"
     reg.mkdir()
     write_safetensors(reg / "animeStyle.safetensors", 60_000, seed=1)
