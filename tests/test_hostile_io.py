@@ -245,3 +245,11 @@ def test_sub_byte_factors_are_copied_as_stored(tmp_path: Path) -> None:
         assert result.returncode == 0 and "1 byte-identical" in result.stdout, result.stderr
         one_error(run_cli("convert", str(path), "--to", "kohya", "--family", "sd1", "--dtype", "bf16", "-o", str(out), "--force"),
                   path, f"this torch cannot hold {dtype} data")
+
+
+def test_left_out_names_stay_on_their_line(tmp_path: Path) -> None:
+    header = {**PAIR, "evil\nname.weight": {"dtype": "F32", "shape": [1], "data_offsets": [64, 68]}}
+    path = write_header(tmp_path / "n.safetensors", json.dumps(header).encode(), 68)
+    result = run_cli("convert", str(path), "--to", "kohya", "--family", "sd1", "--skip-unsupported", "-o", str(tmp_path / "o.safetensors"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["left out 1 module(s)/key(s):", "  evil name.weight: unrecognised key"]

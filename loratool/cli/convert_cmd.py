@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli.inspect_cmd import FAMILY_CHOICES
-from loratool.cli.main import processing
+from loratool.cli.main import one_line, processing
 from loratool.formats.encode import DTYPES, TARGETS
 from loratool.ops.convert import convert
 
@@ -32,4 +32,4 @@ def convert_cmd(src: str, target: str, output: str, family: str | None, dtype: s
     if r.skipped:
         click.echo(f"left out {len(r.skipped)} module(s)/key(s):", err=True)
         for name, why in r.skipped.items():
-            click.echo(f"  {name}: {why}", err=True)
+            click.echo(f"  {one_line(name)}: {one_line(why)}", err=True)

@@ -76,7 +76,7 @@ PATH_ATTR = "loratool_path"  # set on an unexpected exception by processing()
 
 def report_error(err: LoraToolError) -> None:
     """Print one ``error: <path>: <message>`` line on stderr."""
-    click.echo(f"error: {_one_line(str(err))}", err=True)
+    click.echo(f"error: {one_line(str(err))}", err=True)
 
 
 @contextlib.contextmanager
@@ -97,18 +97,19 @@ def processing(path: str | os.PathLike[str]) -> Iterator[None]:
 def bug_message(exc: BaseException) -> str:
     """One line for an unexpected exception: what, where, and that it is loratool's bug."""
     path = getattr(exc, PATH_ATTR, None)
-    detail = _one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, 200)
+    detail = one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, 200)
     where = f"{path}: " if path else ""
     return f"error: {where}internal error ({detail}); {BUG_MARK}, rerun with --debug for the traceback"
 
 
-def _one_line(text: str, limit: int | None = None) -> str:
+def one_line(text: str, limit: int | None = None) -> str:
+    """``text`` on one line (line breaks become spaces), cut to ``limit`` characters."""
     line = " ".join(text.splitlines())
     return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
-    click.echo(f"warning: {_one_line(str(message), 300)}", err=True)
+    click.echo(f"warning: {one_line(str(message), 300)}", err=True)
 
 
 def debug_enabled() -> bool:
