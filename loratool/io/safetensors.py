@@ -127,16 +127,16 @@ def parse_header_bytes(
         raise _fail(
             path, f"not a safetensors file: header length {n} runs past the end of the file ({file_size} bytes)"
         )
-    raw = prefix[8 : 8 + n]
-    if len(raw) < n:
+    if len(prefix) < 8 + n:
         raise _fail(path, "header could not be read in full")
-    if raw.count(b'"data_offsets"') > MAX_TENSORS:  # an upper bound of the tensor count
+    if prefix.count(b'"data_offsets"', 8, 8 + n) > MAX_TENSORS:  # an upper bound of the tensor count
         raise _fail(path, f"header describes more than {MAX_TENSORS} tensors (loratool's limit)")
-    root = _HeaderJSON(raw).parse(path)
+    root = _HeaderJSON(prefix, 8, 8 + n).parse(path)
     data_start = 8 + n
     metadata: dict[str, str] = {}
     tensors: dict[str, TensorInfo] = {}
-    for name, entry in root.items():
+    for name in list(root):
+        entry = root.pop(name)  # each record is released as soon as its TensorInfo exists
         if name == "__metadata__":
             metadata = _check_metadata(path, entry)
         elif type(entry) is _Entry:
@@ -214,19 +214,19 @@ class _HeaderJSON:
     parser: an ``object_pairs_hook`` validates each object as it is built (tensor entries
     become compact :class:`_Entry` records, so their dicts and lists never pile up)."""
 
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-        self.check_strings = _SURROGATE_ESCAPE.search(raw) is not None
-        self.minus_zero = b"-0" in raw and _MINUS_ZERO.search(raw) is not None
+    def __init__(self, buf: bytes, start: int, end: int) -> None:
+        """The header is ``buf[start:end]`` (read in place: never copied as bytes)."""
+        self.buf, self.start, self.end = buf, start, end
+        self.check_strings = _SURROGATE_ESCAPE.search(buf, start, end) is not None
+        self.minus_zero = buf.find(b"-0", start, end) >= 0 and _MINUS_ZERO.search(buf, start, end) is not None
 
     def parse(self, path: str | os.PathLike[str]) -> _Object:
         try:
-            text = self.raw.decode("utf-8")
             kwargs: dict[str, Any] = {"object_pairs_hook": self._object, "parse_constant": _no_constant,
                                       "parse_float": _float}
             if self.minus_zero:
                 kwargs["parse_int"] = _minus_zero_as_float
-            root = json.loads(text, **kwargs)
+            root = json.loads(str(memoryview(self.buf)[self.start : self.end], "utf-8"), **kwargs)
         except (ValueError, RecursionError, OverflowError) as exc:  # UnicodeDecodeError, JSONDecodeError
             raise _fail(path, f"not a safetensors file: header is not valid JSON ({_json_error(exc)})") from None
         if type(root) is _BadEntry and not any(type(v) is str for k, v in root.pairs if k == "dtype"):
