@@ -20,6 +20,7 @@ import os
 import pickle
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +129,22 @@ def metadata(draw: st.DrawFn) -> dict[str, str]:
     return meta
 
 
+@dataclass(frozen=True)
+class LoraFile:
+    """A generated file; shown as its header (the data is only long runs of the values)."""
+
+    header: bytes
+    data: bytes
+
+    def __bytes__(self) -> bytes:
+        return struct.pack("<Q", len(self.header)) + self.header + self.data
+
+    def __repr__(self) -> str:
+        return f"LoraFile(header={self.header!r}, data=<{len(self.data)} bytes>)"
+
+
 @st.composite
-def lora_file(draw: st.DrawFn) -> bytes:
+def lora_file(draw: st.DrawFn) -> LoraFile:
     tensors: list[tuple[str, str, list[int], float]] = []
     for _ in range(draw(st.integers(0, 4))):
         tensors.extend(draw(real_module()))
@@ -151,8 +166,7 @@ def lora_file(draw: st.DrawFn) -> bytes:
         data.append(blob)
         pos += size
     raw = json.dumps(header, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + b"".join(data)
+    return LoraFile(raw + b" " * (-len(raw) % 8), b"".join(data))
 
 
 # -- running the CLI ----------------------------------------------------------------------
@@ -233,10 +247,10 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(blob=lora_file(), family=st.sampled_from([None, "sd1", "sd1", "sdxl"]), target=st.sampled_from(["kohya", "diffusers", "peft"]),
        dtype=st.sampled_from([None, None, "fp16", "bf16", "fp32"]), skip=st.booleans())
-def test_generated_files_through_the_cli(scratch: Path, blob: bytes, family: str | None, target: str,
+def test_generated_files_through_the_cli(scratch: Path, blob: LoraFile, family: str | None, target: str,
                                          dtype: str | None, skip: bool) -> None:
     path = scratch / "fuzz.safetensors"
-    path.write_bytes(blob)
+    path.write_bytes(bytes(blob))
     for argv in (["inspect", str(path)], ["inspect", "--json", str(path)]):
         check_run(argv, *run_in_child(argv), allowed={0, 1})
     out = scratch / ("out" if target == "peft" else "out.safetensors")
