@@ -126,7 +126,6 @@ class FileErrors:
 
     def __init__(self) -> None:
         self.exit_code = 0
-        self.failed = 0
 
     @contextlib.contextmanager
     def guard(self, path: str | os.PathLike[str]) -> Iterator[None]:
@@ -143,7 +142,6 @@ class FileErrors:
             self._fail(EXIT_BUG)
 
     def _fail(self, code: int) -> None:
-        self.failed += 1
         self.exit_code = max(self.exit_code, code)
 
 

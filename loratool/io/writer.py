@@ -99,7 +99,8 @@ def atomic_path(final: Path, *, directory: bool = False, mode: int | None = None
             else:
                 os.replace(tmp, final)
     finally:
-        _remove(tmp)
+        with contextlib.suppress(OSError):  # never hide the error that got us here
+            _remove(tmp)
 
 
 @contextlib.contextmanager
