@@ -13,6 +13,7 @@ import time
 # name -> module with a ``run() -> None`` function. One line per benchmark.
 BENCHES: dict[str, str] = {
     "inspect": "bench.bench_inspect",
+    "header": "bench.bench_header",
     "hashing": "bench.bench_hashing",
     "convert": "bench.bench_convert",
     "download": "bench.bench_download",

@@ -41,7 +41,7 @@ class UsageError(LoraToolError):
 
 
 class OutputError(LoraToolError):
-    """An output that could not be written (disk full, file too large, permissions)."""
+    """An output that cannot be written (permissions, a full disk, a read-only file system)."""
 
 
 class ConversionError(LoraToolError):

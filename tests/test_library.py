@@ -91,13 +91,13 @@ def test_walk_lists_every_entry_once_with_its_kind(tmp_path: Path) -> None:
         ("sd15/styles/lora.safetensors", "adapter-file", ""),
         ("sd15/styles/notes.txt", "not-adapter", "not a model file"),
         ("sd15/styles/up", "error", f"symlink loop: leads back to {lib / 'sd15'}"),
-        ("sdxl/gone.safetensors", "error", "broken symlink (points to nowhere.safetensors)"),
+        ("sdxl/gone.safetensors", "error", "broken symlink (to nowhere.safetensors)"),
         ("sdxl/model.gguf", "not-adapter", "a model format loratool does not read"),
         ("sdxl/my_peft", "adapter-dir", ""),
         ("sdxl/old.pt", "adapter-file", ""),
-        ("sdxl/pipe", "not-adapter", "not a regular file (a FIFO)"),
+        ("sdxl/pipe", "not-adapter", "is a named pipe (FIFO), not a regular file"),
         ("sdxl/sd15_again", "duplicate", f"same folder as {lib / 'sd15'} (walked once)"),
-        ("self", "error", "symlink loop: the link resolves to itself"),
+        ("self", "error", "symlink loop (too many levels of symbolic links)"),
     ]
     # every entry carries its root; files their size (symlinks followed)
     entries = list(walk([str(lib / "sd15" / "lokr.safetensors"), str(lib)]))
@@ -137,7 +137,7 @@ def test_inspect_walks_a_library(tmp_path: Path) -> None:
     err = result.stderr.splitlines()
     assert sorted(line.split(":")[0] for line in err) == ["error"] * 3 + ["note"] * 4, err
     assert f"error: {lib / 'sd15/styles/up'}: symlink loop: leads back to {lib / 'sd15'}" in err
-    assert f"error: {lib / 'sdxl/gone.safetensors'}: broken symlink (points to nowhere.safetensors)" in err
+    assert f"error: {lib / 'sdxl/gone.safetensors'}: broken symlink (to nowhere.safetensors)" in err
     assert f"note: {lib / 'sdxl/model.gguf'}: a model format loratool does not read" in err
     assert f"note: {lib}: skipped 3 file(s) that are not model files (.info, .png, .txt)" in err
     (lib / "sd15" / "styles" / "up").unlink()

@@ -217,3 +217,40 @@ def test_header_length_that_looks_like_pickle_magic(tmp_path: Path, suffix: str)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64))
     assert path.read_bytes()[:2] == b"\x80\x02"
     assert len(load(path).modules) == 1
+
+
+def _many_tensors(n: int) -> bytes:
+    parts = [f'"lora_unet_{i:08d}.alpha":{{"dtype":"F32","shape":[],"data_offsets":[{4 * i},{4 * i + 4}]}}' for i in range(n)]
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+@pytest.mark.parametrize("n", [2_000, 20_000])
+def test_header_parse_memory_is_linear_in_its_size(n: int) -> None:
+    """Python allocations while parsing stay within a fixed multiple of the header's size
+    (entries become compact records as they are read; no dict per tensor piles up)."""
+    import tracemalloc
+
+    from loratool.io.safetensors import parse_header_bytes
+
+    raw = _many_tensors(n)
+    prefix = struct.pack("<Q", len(raw)) + raw
+    tracemalloc.start()
+    try:
+        header = parse_header_bytes("x", prefix, len(prefix) + 4 * n)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(header.tensors) == n
+    assert peak < 8 * len(raw), f"{peak / len(raw):.1f} bytes of Python objects per header byte"  # was 10.7
+
+
+def test_huge_dimensions_stop_at_the_first_overflow() -> None:
+    """The element count is multiplied with a 64-bit check, so 100k dimensions of 2**63-1
+    before a 0 are refused at the second one, not multiplied into a 6-million-digit number."""
+    from loratool.io.safetensors import parse_header_bytes
+
+    dims = ",".join(["9223372036854775807"] * 100_000)
+    raw = ('{"a":{"dtype":"F32","shape":[' + dims + ',0],"data_offsets":[0,0]}}').encode()
+    prefix = struct.pack("<Q", len(raw)) + raw
+    with pytest.raises(InputError, match="overflows 64 bits"):
+        parse_header_bytes("x", prefix, len(prefix))

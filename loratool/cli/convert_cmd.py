@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli.inspect_cmd import FAMILY_CHOICES
+from loratool.cli.main import one_line, processing
 from loratool.formats.encode import DTYPES, TARGETS
 from loratool.ops.convert import convert
 
@@ -20,7 +21,8 @@ from loratool.ops.convert import convert
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 def convert_cmd(src: str, target: str, output: str, family: str | None, dtype: str | None, verify: bool, skip_unsupported: bool, force: bool) -> None:
     """Convert a LoRA between kohya (A1111/ComfyUI), diffusers and PEFT key formats."""
-    r = convert(src, target, output, family=family, dtype=dtype, verify=verify, skip_unsupported=skip_unsupported, force=force)
+    with processing(src):
+        r = convert(src, target, output, family=family, dtype=dtype, verify=verify, skip_unsupported=skip_unsupported, force=force)
     click.echo(f"wrote {r.output} ({r.target}, {r.family}, {r.modules} modules)")
     for path in r.files:
         if path != r.output:
@@ -32,4 +34,4 @@ def convert_cmd(src: str, target: str, output: str, family: str | None, dtype: s
     if r.skipped:
         click.echo(f"left out {len(r.skipped)} module(s)/key(s):", err=True)
         for name, why in r.skipped.items():
-            click.echo(f"  {name}: {why}", err=True)
+            click.echo(f"  {one_line(name)}: {one_line(why)}", err=True)

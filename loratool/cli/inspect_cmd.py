@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from loratool.cli.main import FileErrors
 from loratool.library.walk import NOT_A_MODEL, WalkEntry
 from loratool.ops.inspect import InspectReport, survey
 
@@ -28,20 +29,23 @@ def inspect_cmd(paths: tuple[str, ...], as_json: bool, hashes: bool, keys: bool,
     Folders are walked recursively; an adapter folder (PEFT/diffusers layout) is one
     adapter. What is not an adapter is listed on stderr (files that are not model files
     as one summary line per folder), and every unreadable entry gets an error line."""
-    reports: list[InspectReport] = []
-    failed = 0
+    reports: list[dict[str, Any]] = []
+    errors = FileErrors()
     adapters: Counter[str] = Counter()  # root -> adapter entries found under it
     others: dict[str, list[WalkEntry]] = {}  # root -> files that are not model files
     for item in survey(paths, hashes=hashes, keys=keys, family=family):
         entry = item.entry
         adapters[entry.root] += entry.is_adapter
         if item.report is not None:
-            reports.append(item.report)
-            if not as_json:
-                render(item.report)
+            with errors.guard(entry.path):
+                if as_json:
+                    fields = item.report.to_json()
+                    json.dumps(fields, allow_nan=False)  # one that is not strict JSON fails here, alone
+                    reports.append(fields)
+                else:
+                    render(item.report)
         if item.error is not None:
-            click.echo(f"error: {item.error}", err=True)
-            failed += 1
+            errors.record(item.error, entry.path)
         elif item.report is None and entry.reason == NOT_A_MODEL:
             others.setdefault(entry.root, []).append(entry)
         elif item.report is None:
@@ -52,15 +56,15 @@ def inspect_cmd(paths: tuple[str, ...], as_json: bool, hashes: bool, keys: bool,
             click.echo(f"note: {root}: skipped {len(skipped)} file(s) that are not model files ({_suffixes(skipped)})", err=True)
         if not adapters[root] and Path(root).is_dir():
             click.echo(f"error: {root}: holds no adapter (none in this folder or below it)", err=True)
-            failed += 1
+            errors.fail(1)
     if as_json:
-        payload: Any = [r.to_json() for r in reports]
-        if len(paths) == 1 and len(reports) == 1 and reports[0].path == paths[0]:
+        payload: Any = reports
+        if len(paths) == 1 and len(reports) == 1 and reports[0]["path"] == paths[0]:
             payload = payload[0]  # one adapter named directly: one object
-        json.dump(payload, sys.stdout, indent=2)
+        json.dump(payload, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
-    if failed:
-        sys.exit(1)
+    if errors.exit_code:
+        sys.exit(errors.exit_code)
 
 
 def _suffixes(entries: list[WalkEntry]) -> str:

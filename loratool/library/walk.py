@@ -14,7 +14,6 @@ here opens a file: reading decides whether an ``adapter-file`` really holds an a
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratool.io.sources import is_adapter_dir
+from loratool.io.sources import is_adapter_dir, not_regular, stat_failure
 
 ADAPTER_FILE = "adapter-file"  # a file to read as an adapter (a model extension, or named by the user)
 ADAPTER_DIR = "adapter-dir"  # a folder that is one adapter
@@ -37,7 +36,6 @@ ADAPTER_SUFFIXES = (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")
 OTHER_MODEL_SUFFIXES = (".gguf", ".onnx", ".pkl", ".npz", ".h5", ".msgpack")
 NOT_A_MODEL = "not a model file"
 UNREAD_MODEL = "a model format loratool does not read"
-FILE_TYPES = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
 
 @dataclass(frozen=True)
@@ -135,9 +133,8 @@ def _folder(
 def _file(path: str, root: str, st: os.stat_result, *, explicit: bool) -> WalkEntry:
     kind, reason = ADAPTER_FILE, ""
     suffix = Path(path).suffix.lower()
-    file_type = FILE_TYPES.get(stat.S_IFMT(st.st_mode))
-    if file_type is not None:
-        kind, reason = (ERROR if explicit or suffix in ADAPTER_SUFFIXES else NOT_ADAPTER), f"not a regular file ({file_type})"
+    if not stat.S_ISREG(st.st_mode):
+        kind, reason = (ERROR if explicit or suffix in ADAPTER_SUFFIXES else NOT_ADAPTER), not_regular(st)
     elif explicit:
         pass
     elif suffix in OTHER_MODEL_SUFFIXES:
@@ -148,14 +145,7 @@ def _file(path: str, root: str, st: os.stat_result, *, explicit: bool) -> WalkEn
 
 
 def _stat_error(path: str, root: str, exc: OSError) -> WalkEntry:
-    if exc.errno == errno.ELOOP:
-        return WalkEntry(path, ERROR, root, "symlink loop: the link resolves to itself")
-    if isinstance(exc, FileNotFoundError) and os.path.islink(path):
-        try:
-            return WalkEntry(path, ERROR, root, f"broken symlink (points to {os.readlink(path)})")
-        except OSError:
-            return WalkEntry(path, ERROR, root, "broken symlink")
-    return WalkEntry(path, ERROR, root, _reason(exc))
+    return WalkEntry(path, ERROR, root, stat_failure(path, exc))
 
 
 def _reason(exc: OSError) -> str:

@@ -158,7 +158,7 @@ class SurveyItem:
 
     entry: WalkEntry
     report: InspectReport | None = None
-    error: LoraToolError | None = None
+    error: Exception | None = None  # a LoraToolError, or a bug (any other exception)
 
 
 def survey(
@@ -171,7 +171,7 @@ def survey(
         if entry.is_adapter:
             try:
                 report = inspect(entry.path, hashes=hashes, keys=keys, family=family)
-            except LoraToolError as err:
+            except Exception as err:  # a bug too is this entry's alone: the survey goes on
                 yield SurveyItem(entry, error=err)
                 continue
             yield SurveyItem(entry, report=report, error=report.error)

@@ -107,7 +107,10 @@ def fetch_version(client: RegistryClient, version: dict[str, Any], dest: Path,
     name = sanitize_filename(str(file.get("name") or _disposition_name(client, version, file)))
     if is_pickle(file, name) and not opts.allow_pickle:  # the name it will be saved under counts
         raise RegistryError(name, "pickle format can run code when loaded; refusing without --allow-pickle")
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RegistryError(dest, f"cannot create the output folder: {exc.strerror or exc}") from None
     final = inside(dest, name)
     expected = str((file.get("hashes") or {}).get("SHA256") or "").upper() or None
     warnings = scan_warnings(file)
