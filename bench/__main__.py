@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "header": "bench.bench_header",
     "hashing": "bench.bench_hashing",
     "convert": "bench.bench_convert",
+    "resize": "bench.bench_resize",
     "download": "bench.bench_download",
     "merge": "bench.bench_merge",
     "catalog": "bench.bench_catalog",
