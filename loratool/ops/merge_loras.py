@@ -148,7 +148,7 @@ def merge_loras(
         for path, _ in pairs:
             sources.append(open_source(path))
             adapters.append(decode(sources[-1], family=family))
-        fam = _common_family(adapters)
+        fam = _common_family(adapters, sources)
         merged = _merged_adapter(out, fam, adapters)
         terms = _terms(adapters, [w for _, w in pairs])
         plans, refused = _plan_all(terms, mode, rank, _default_dtype(adapters), device)
@@ -203,9 +203,9 @@ def _check_options(pairs: list[tuple[str, float]], mode: str, rank: int | None) 
         raise UsageError(None, "--rank goes with --mode svd (concat keeps every input's rank)")
 
 
-def _common_family(adapters: list[Adapter]) -> str:
-    for a in adapters:
-        check_family(a)
+def _common_family(adapters: list[Adapter], sources: list[TensorSource]) -> str:
+    for a, s in zip(adapters, sources):
+        check_family(a, s, "merge-loras")
     first = adapters[0]
     for a in adapters[1:]:
         if a.family != first.family:

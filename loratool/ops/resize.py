@@ -151,7 +151,7 @@ def resize(
     source = open_source(src)
     try:
         adapter = decode(source, family=family)
-        check_family(adapter)
+        check_family(adapter, source, "resize")
         target = target or (adapter.format if adapter.format in TARGETS else "kohya")
         out = check_output([src], output, target, force)
         result = ResizeResult(str(src), str(out), target, adapter.family, dynamic or "rank", threshold, rank)
