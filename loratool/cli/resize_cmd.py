@@ -54,8 +54,9 @@ def render(r: ResizeResult) -> None:
             click.echo(f"  {path}")
     if sys.stdout.isatty():
         _table(r)
-    if summary["min_retained_module"] is not None:
-        click.echo(f"retained ‖ΔW‖_F: mean {summary['mean_retained']:.2%}, "
+    changed = len(r.modules) - summary["unchanged"]
+    if changed:
+        click.echo(f"retained ‖ΔW‖_F over the {changed} changed modules: mean {summary['mean_retained']:.2%}, "
                    f"min {summary['min_retained']:.2%} ({summary['min_retained_module']})")
     if r.max_deviation is not None:
         click.echo(f"verified: each module's ‖ΔW_in − ΔW_out‖_F is its truncation error "
