@@ -319,3 +319,22 @@ def test_realworld(tmp_path: Path, name: str) -> None:
         dw = delta_weight(m.network_type, {k: v.load() for k, v in m.params.items()}, m.alpha).flatten(1)
         out_dw = delta_weight(o.network_type, {k: v.load() for k, v in o.params.items()}, o.alpha).flatten(1)
         assert abs(truncation_gap(out_dw, dw, 2)) < 1e-6, key
+
+
+def test_nan_factors_are_refused_by_name(rank16: Path, tmp_path: Path) -> None:
+    """A module whose factors hold NaN is named, and nothing is written (resize and merge)."""
+    from safetensors.torch import load_file, save_file
+
+    from loratool.ops.merge_loras import merge_loras
+
+    tensors = load_file(str(rank16))
+    name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
+    tensors[f"{name}.lora_up.weight"][3, 2] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, str(bad), {"ss_network_module": "networks.lora"})
+    out = tmp_path / "out.safetensors"
+    for run in (lambda: resize(bad, out, rank=4), lambda: resize(bad, out, dynamic="fro", threshold=0.9),
+                lambda: merge_loras([rank16, bad], out), lambda: merge_loras([rank16, bad], out, mode="svd", rank=4)):
+        with pytest.raises(ConversionError, match="NaN/Inf"):
+            run()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]

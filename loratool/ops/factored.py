@@ -10,6 +10,7 @@ bounded by one module's tensors whatever the adapter size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from math import prod
@@ -79,6 +80,10 @@ class Term:
     coef: float = 1.0
 
     @property
+    def name(self) -> str:
+        return self.module.source_name or str(self.module.key)
+
+    @property
     def factored(self) -> bool:
         return self.module.network_type in FACTORED_TYPES
 
@@ -88,10 +93,15 @@ class Term:
     def factors(self, device: str | None = None) -> tuple[Tensor, Tensor]:
         """``(up, down)`` with ``up @ down = coef · ΔW`` (√ of the scale on each side)."""
         from loratool.lowrank import fold_scale
+
+        return fold_scale(*self.stored_factors(device), self.coef * self.module.scale)
+
+    def stored_factors(self, device: str | None = None) -> tuple[Tensor, Tensor]:
+        """``(up [out, r], down [r, in·k·k])`` as stored: ``up @ down = ΔW / scale``."""
         from loratool.networks.lora import factors
 
         up, down, _ = factors(self.load(device))
-        return fold_scale(up, down, self.coef * self.module.scale)
+        return require_finite(up, self.name), require_finite(down, self.name)
 
     def dense(self, device: str | None = None) -> Tensor:
         """``coef · ΔW`` as a float32 matrix ``[out, in·kh·kw]``."""
@@ -101,13 +111,23 @@ class Term:
         tensors = {k: v for k, v in self.load(device).items() if k != "dora_scale"}
         shape = m.extra.get("shape")
         dw = delta_weight(m.network_type, tensors, m.alpha, tuple(shape) if shape else None, scale=m.scale)
-        return (dw.reshape(dw.shape[0], -1) * self.coef).float()
+        return require_finite(dw.reshape(dw.shape[0], -1) * self.coef, self.name).float()
 
     def bias(self, device: str | None = None) -> Tensor | None:
         from loratool.networks import delta_bias
 
         db = delta_bias(self.module.network_type, self.load(device), self.module.alpha)
         return None if db is None else db * self.coef
+
+
+def require_finite(t: Tensor, name: str) -> Tensor:
+    """``t``, or a :class:`ConversionError` naming the module when it holds NaN/Inf (a
+    module with unusable values must never be written, nor pass verification)."""
+    import torch
+
+    if not bool(torch.isfinite(t).all()):
+        raise ConversionError(None, f"{name}: its tensors hold NaN/Inf, so its ΔW cannot be re-factored")
+    return t
 
 
 def target_factors(terms: Sequence[Term], device: str | None = None) -> tuple[Tensor, Tensor]:
@@ -221,6 +241,9 @@ def verify_written(path: Path, family: str, checks: Sequence[Check], device: str
                 missing.append(c.name)
                 continue
             measured, norm, tol = _distance(c, o, device)
+            if not math.isfinite(measured) or not math.isfinite(norm):
+                off.append(f"{c.name} (NaN/Inf)")
+                continue
             c.deviation = abs(measured - c.expected) / norm if norm else 0.0
             worst = max(worst, c.deviation)
             if abs(measured - c.expected) > tol or not _same_extras(c, o, device):

@@ -270,11 +270,9 @@ def _spectrum(m: AdapterModule, device: str | None) -> tuple[Tensor, SVD | None]
     """Singular values of ΔW/scale (LoRA: from the small core only), and the whole SVD
     when ΔW had to be formed (--svd-full: not computed twice)."""
     from loratool.lowrank import exact_svd, product_svdvals
-    from loratool.networks.lora import factors
 
     if m.network_type in FACTORED_TYPES:
-        up, down, _ = factors(Term(m).load(device))
-        return product_svdvals(up, down), None
+        return product_svdvals(*Term(m).stored_factors(device)), None
     svd = exact_svd(Term(m).dense(device))
     return svd.S, svd
 
@@ -282,14 +280,12 @@ def _spectrum(m: AdapterModule, device: str | None) -> tuple[Tensor, SVD | None]
 def _compute(m: AdapterModule, k: int, record: ModuleResize, check: Check, device: str | None) -> dict[str, Tensor]:
     """The new factors of one module; fills in its record and expected verification error."""
     from loratool.lowrank import product_svd, retention, split_factors, truncated_svd
-    from loratool.networks.lora import factors
 
     lay = layout(m)
     if m.network_type not in FACTORED_TYPES:  # --svd-full, fixed rank
         svd = truncated_svd(Term(m).dense(device), k, "randomized")
         return _dense_factors(m, svd, k, record, check, device)
-    up, down, _ = factors(Term(m).load(device))  # ΔW / scale: the ratio alpha/rank is kept
-    svd = product_svd(up, down)
+    svd = product_svd(*Term(m).stored_factors(device))  # ΔW / scale: the ratio alpha/rank is kept
     kept = retention(svd.S, k)
     record.retained, record.error = kept.fro, kept.error
     check.expected, check.norm = kept.tail * abs(m.scale), kept.norm * abs(m.scale)
