@@ -204,6 +204,23 @@ STEPS: list[Step] = [
          check=exists("partial.safetensors", present=False)),
     Step("merge {work}/sd1.safetensors {fixtures}/sd15_kohya_lora.safetensors -o {work}/partial.safetensors --allow-partial",
          check=exists("partial.safetensors")),
+    # resize and merge-loras (new factors go through the writer: no numpy needed)
+    Step("resize {fixtures}/sd15_kohya_locon.safetensors --rank 1 -o {work}/r1.safetensors", check=stdout_has("verified")),
+    Step("resize --json {fixtures}/sd15_diffusers.safetensors --dynamic fro --threshold 0.9 --to peft -o {work}/fro_peft",
+         check=json_out(lambda d: d["verified"] and d["summary"]["resized"] >= 1, "verified, ≥ 1 module resized")),
+    Step("resize {fixtures}/sd15_kohya_lokr.safetensors --rank 8 --svd-full --dtype bf16 -o {work}/lokr_r8.safetensors",
+         check=stdout_has("23 refactored")),
+    Step("resize {fixtures}/sd15_kohya_loha.safetensors --rank 8 -o {work}/never.safetensors", code=1,
+         check=all_of(error_line("--svd-full"), exists("never.safetensors", present=False))),
+    Step("resize {fixtures}/sd15_kohya_lora.safetensors -o {work}/never.safetensors", code=2, check=error_line("--rank")),
+    Step("merge-loras {fixtures}/sdxl_kohya_lora.safetensors:0.8 {fixtures}/sdxl_diffusers.safetensors:-0.5 {fixtures}/sdxl_peft "
+         "-o {work}/merged_loras.safetensors", check=stdout_has("verified")),
+    Step("merge-loras --json {fixtures}/sd15_kohya_locon.safetensors {fixtures}/sd15_kohya_loha.safetensors:0.5 --mode svd "
+         "--rank 4 --to peft -o {work}/merged_svd", check=json_out(lambda d: d["verified"] and d["mode"] == "svd", "verified svd")),
+    Step("merge-loras {fixtures}/sd15_kohya_lora.safetensors {fixtures}/sdxl_kohya_lora.safetensors -o {work}/never.safetensors",
+         code=1, check=error_line("different families")),
+    Step("merge-loras {fixtures}/sd15_kohya_lora.safetensors --mode svd -o {work}/never.safetensors", code=2,
+         check=error_line("--rank")),
     # validate and metadata
     Step("validate {fixtures}/sd15_kohya_lora.safetensors", check=stdout_has("ok")),
     Step("validate --json {fixtures}", check=json_out(lambda d: isinstance(d, list) and len(d) >= 10, "≥ 10 reports")),
