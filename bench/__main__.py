@@ -19,6 +19,7 @@ BENCHES: dict[str, str] = {
     "catalog": "bench.bench_catalog",
     "validate": "bench.bench_validate",
     "scan": "bench.bench_scan",
+    "merge": "bench.bench_merge",
 }
 
 

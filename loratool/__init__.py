@@ -19,6 +19,7 @@ from loratool.errors import (
 )
 
 if TYPE_CHECKING:
+    from loratool.checkpoint import Checkpoint
     from loratool.model import Adapter
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "load",
+    "open_checkpoint",
 ]
 
 
@@ -45,3 +47,15 @@ def load(path: str | os.PathLike[str], family: str | None = None) -> Adapter:
     from loratool.ops.inspect import load as _load
 
     return _load(path, family=family)
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str], *, family: str | None = None, variant: str | None = None
+) -> Checkpoint:
+    """Open a base-model checkpoint: a single file (LDM/SGM names), a UNet-only file or a
+    diffusers folder (see :mod:`loratool.checkpoint`). Headers only until tensors are read;
+    close it, or use ``with``. ``family`` overrides detection; ``variant`` picks a diffusers
+    folder's weights variant (``"fp16"``…)."""
+    from loratool.checkpoint import open_checkpoint as _open
+
+    return _open(path, family=family, variant=variant)

@@ -40,6 +40,10 @@ class UsageError(LoraToolError):
     exit_code = 2
 
 
+class OutputError(LoraToolError):
+    """An output that could not be written (disk full, file too large, permissions)."""
+
+
 class ConversionError(LoraToolError):
     """A conversion that cannot be done without losing something."""
 

@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "validate": "loratool.cli.validate_cmd:validate_cmd",
     "metadata": "loratool.cli.metadata_cmd:metadata_group",
     "scan": "loratool.cli.scan_cmd:scan_cmd",
+    "check": "loratool.cli.check_cmd:check_cmd",
+    "merge": "loratool.cli.merge_cmd:merge_cmd",
     "search": "loratool.cli.registry_cmds:search_cmd",
     "info": "loratool.cli.registry_cmds:info_cmd",
     "lookup": "loratool.cli.registry_cmds:lookup_cmd",

@@ -37,6 +37,7 @@ PEFT_MODEL_CLASS: dict[str, str] = {
     "UNet2DConditionModel": "unet",
     "CLIPTextModel": "text_encoder",
     "CLIPTextModelWithProjection": "text_encoder_2",
+    "CLIPTextTransformer": "text_encoder",
     "SD3Transformer2DModel": "transformer",
     "FluxTransformer2DModel": "transformer",
 }
@@ -44,8 +45,11 @@ PEFT_MODEL_CLASS: dict[str, str] = {
 PATH_COMPONENT: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^(down_blocks|up_blocks|mid_block|conv_in|conv_out|time_embedding|add_embedding)\."), "unet"),
     (re.compile(r"^text_model\."), "text_encoder"),
+    (re.compile(r"^encoder\.layers\.\d+\.(self_attn|mlp)\."), "text_encoder"),  # CLIP saved by transformers 5
     (re.compile(r"^(transformer_blocks|single_transformer_blocks|context_embedder|x_embedder)\."), "transformer"),
 ]
+# The first segment of CLIP module paths below ``text_model.`` (transformers 5 drops that level).
+CLIP_INNER = ("encoder.layers.", "embeddings.", "final_layer_norm")
 # Parameters that never decide a network type on their own.
 SIDE_PARAMS = frozenset({"alpha", "dora_scale", "scale"})
 # Style -> variant label for inspect.
@@ -297,6 +301,8 @@ def _flat(g: _Group) -> str:
         if name.startswith(prefix):
             name = name[len(prefix) :]
             break
+    if g.component in ("text_encoder", "text_encoder_2") and name.startswith(CLIP_INNER):
+        name = f"text_model.{name}"
     return name.replace(".", "_")
 
 
@@ -353,10 +359,21 @@ def _lookup(catalog: Any, g: _Group, m: AdapterModule) -> Any:
     if g.component in ("text_encoder", "text_encoder_2", None):
         components += [c for c in ("text_encoder", "text_encoder_2") if c not in components]
     for component in components:
-        spec = catalog.get(component, g.module)
-        if spec is not None and _fits(spec, m):
-            return spec
+        for path in (g.module, *_clip_paths(component, g.module)):
+            spec = catalog.get(component, path)
+            if spec is not None and _fits(spec, m):
+                if path != g.module:
+                    m.extra["clip_without_text_model"] = True
+                return spec
     return None
+
+
+def _clip_paths(component: str | None, module: str) -> tuple[str, ...]:
+    """A CLIP module path as transformers ≥ 5 names it (no ``text_model.``, FORMATS §9),
+    spelled the catalog's way."""
+    if component in ("text_encoder", "text_encoder_2") and module.startswith(CLIP_INNER):
+        return (f"text_model.{module}",)
+    return ()
 
 
 def _fits(spec: Any, m: AdapterModule) -> bool:

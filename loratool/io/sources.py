@@ -91,6 +91,11 @@ def open_source(path: str | os.PathLike[str], *, allow_truncated: bool = False) 
     return TensorSource(str(p), "pickle" if part.raw is None else "safetensors", [part])
 
 
+def open_weights_file(path: str | os.PathLike[str]) -> Part:
+    """One weights file (safetensors: header only; pickle: ``weights_only`` load) as a Part."""
+    return _open_file(Path(path), config=None, component=None)
+
+
 def is_adapter_dir(p: Path) -> bool:
     """Whether a folder is one adapter (PEFT, diffusers or per-component PEFT layout)."""
     names = (*PEFT_WEIGHTS, *DIFFUSERS_WEIGHTS)

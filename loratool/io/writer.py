@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 HASH_PLACEHOLDER = "0" * 64
+MAX_RUN = 256 * 1024 * 1024  # a copied run stops growing here (progress, early flush)
 
 
 @dataclass
@@ -164,11 +165,13 @@ def write_safetensors(
     metadata: dict[str, str] | None = None,
     *,
     hash_key: str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> str:
     """Stream ``tensors`` into a new safetensors file at ``path`` (wrap in :func:`atomic_path`).
 
     With ``hash_key``, that metadata field receives the SHA-256 of the data area (kohya's
     ``sshs_model_hash`` = Civitai AutoV3), computed while writing. Returns that digest.
+    ``progress(n)`` is told the byte count of each tensor (or copied run) once written.
     """
     meta = dict(metadata or {})
     if hash_key:
@@ -191,6 +194,8 @@ def write_safetensors(
                     _copy_range(sources, run, fh.fileno(), pos)
                     pos += run[2]
                     fh.seek(pos)
+                    if progress is not None:
+                        progress(run[2])
                     continue
                 data = _bytes_of(run)
                 if digest is not None:
@@ -198,6 +203,8 @@ def write_safetensors(
                 fh.write(data)
                 pos += run.nbytes
                 del data
+                if progress is not None:
+                    progress(run.nbytes)
             _finish(fh, header, digest)
     finally:
         for fd in sources.values():
@@ -254,7 +261,7 @@ def _runs(tensors: list[OutTensor], copyable: bool) -> Iterator[OutTensor | tupl
             yield t
             continue
         path, offset = t.copy_from
-        if pending and pending[0] == path and pending[1] + pending[2] == offset:
+        if pending and pending[0] == path and pending[1] + pending[2] == offset and pending[2] < MAX_RUN:
             pending[2] += t.nbytes
         else:
             if pending:

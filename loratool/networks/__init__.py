@@ -47,6 +47,7 @@ NETWORK_TYPES: dict[str, NetworkType] = {
 __all__ = [
     "NETWORK_TYPES",
     "NetworkType",
+    "add_delta",
     "apply_dora",
     "classify",
     "delta_bias",
@@ -127,6 +128,25 @@ def delta_weight(
         scale = scale_of(network_type, _shapes(tensors), alpha)
     dw = t.delta(tensors, scale, base=base_weight, alpha=as_alpha(alpha))
     return reshape_to(dw, target_shape)
+
+
+def add_delta(
+    target: torch.Tensor,
+    network_type: str,
+    tensors: Mapping[str, torch.Tensor],
+    alpha: float | None,
+    *,
+    base_weight: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> None:
+    """``target += ΔW`` in place (fp32 target; scale applied; reshaped as
+    :func:`delta_weight` does). LoRA adds through one fused GEMM without forming ΔW."""
+    t = _type(network_type)
+    if scale is None:
+        scale = scale_of(network_type, _shapes(tensors), alpha)
+    if t.add_into is not None and t.add_into(target, tensors, scale):
+        return
+    target += delta_weight(network_type, tensors, alpha, tuple(target.shape), base_weight=base_weight, scale=scale)
 
 
 def delta_bias(

@@ -41,8 +41,22 @@ def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: flo
         mid = f32(mid)
         dw = torch.einsum("m n ..., i m, n j -> i j ...", mid, mat(up), mat(down))
         return dw * scale
-    dw = mat(up) @ mat(down)
-    return dw.reshape(out_dim, in_dim, *down.shape[2:]) * scale
+    dw = (mat(up) * scale) @ mat(down)  # scale the small factor: no pass over ΔW
+    return dw.reshape(out_dim, in_dim, *down.shape[2:])
+
+
+def add_into(target: Tensor, tensors: Tensors, scale: float) -> bool:
+    """target += scale·(up @ down) in one fused GEMM (no ΔW temporary); False when the
+    target is not a contiguous weight of ΔW's element count, or the LoRA has a Tucker core."""
+    if "lora_mid" in tensors or not target.is_contiguous():
+        return False
+    up, down = mat(f32(tensors["lora_up"])), mat(f32(tensors["lora_down"]))
+    if target.shape[0] != up.shape[0] or target.numel() != up.shape[0] * down.shape[1]:
+        return False
+    if up.device != target.device:
+        up, down = up.to(target.device), down.to(target.device)
+    target.view(up.shape[0], -1).addmm_(up, down, alpha=scale)
+    return True
 
 
 def bias_delta(tensors: Tensors, scale: float) -> Tensor | None:
@@ -58,6 +72,7 @@ LORA = NetworkType(
     uses_alpha=True,
     delta=delta,
     bias_delta=bias_delta,
+    add_into=add_into,
     accepts=lambda shapes: not is_conv_kernel(shapes),
     doc="LoRA: ΔW = up @ down",
 )
