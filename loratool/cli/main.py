@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "convert": "loratool.cli.convert_cmd:convert_cmd",
     "validate": "loratool.cli.validate_cmd:validate_cmd",
     "metadata": "loratool.cli.metadata_cmd:metadata_group",
+    "resize": "loratool.cli.resize_cmd:resize_cmd",
+    "merge-loras": "loratool.cli.merge_loras_cmd:merge_loras_cmd",
     "search": "loratool.cli.registry_cmds:search_cmd",
     "info": "loratool.cli.registry_cmds:info_cmd",
     "lookup": "loratool.cli.registry_cmds:lookup_cmd",
