@@ -196,6 +196,7 @@ class Check:
     name: str
     terms: list[Term]
     expected: float = 0.0
+    norm: float | None = None  # ‖target‖_F when already known (saves recomputing it)
     magnitude: TensorRef | None = None  # DoRA magnitude carried unchanged
     deviation: float | None = field(default=None)  # |measured − expected| / ‖target‖
 
@@ -251,7 +252,7 @@ def _distance(c: Check, o: AdapterModule, device: str | None) -> tuple[float, fl
     if all(t.factored for t in c.terms):
         pairs = [t.factors(device) for t in c.terms]
         measured = product_norm(*stack_factors([*pairs, (out_up, out_down)])).item()
-        norm = product_norm(*stack_factors(pairs)).item()
+        norm = c.norm if c.norm is not None else product_norm(*stack_factors(pairs)).item()
         size = sum((torch.linalg.norm(u) * torch.linalg.norm(d)).item() for u, d in pairs)
     else:
         target = target_dense(c.terms, device)

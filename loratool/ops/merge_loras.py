@@ -306,7 +306,7 @@ def _compute(group: list[Term], lay: Layout, k: int, mode: str, record: MergedMo
     elif all(t.factored for t in group):
         svd = product_svd(*target_factors(group, device))
         kept = retention(svd.S, k)
-        record.retained, record.error, check.expected = kept.fro, kept.error, kept.tail
+        record.retained, record.error, check.expected, check.norm = kept.fro, kept.error, kept.tail, kept.norm
         up, down = split_factors(svd, k)
     else:
         dense = target_dense(group, device)

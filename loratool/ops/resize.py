@@ -292,7 +292,7 @@ def _compute(m: AdapterModule, k: int, record: ModuleResize, check: Check, devic
     svd = product_svd(up, down)
     kept = retention(svd.S, k)
     record.retained, record.error = kept.fro, kept.error
-    check.expected = kept.tail * abs(m.scale)
+    check.expected, check.norm = kept.tail * abs(m.scale), kept.norm * abs(m.scale)
     return shape_factors(*split_factors(svd, k), lay)
 
 
