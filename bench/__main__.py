@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "inspect": "bench.bench_inspect",
     "hashing": "bench.bench_hashing",
     "convert": "bench.bench_convert",
+    "resize": "bench.bench_resize",
     "download": "bench.bench_download",
     "catalog": "bench.bench_catalog",
     "validate": "bench.bench_validate",

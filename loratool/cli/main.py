@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "scan": "loratool.cli.scan_cmd:scan_cmd",
     "check": "loratool.cli.check_cmd:check_cmd",
     "merge": "loratool.cli.merge_cmd:merge_cmd",
+    "resize": "loratool.cli.resize_cmd:resize_cmd",
+    "merge-loras": "loratool.cli.merge_loras_cmd:merge_loras_cmd",
     "search": "loratool.cli.registry_cmds:search_cmd",
     "info": "loratool.cli.registry_cmds:info_cmd",
     "lookup": "loratool.cli.registry_cmds:lookup_cmd",

@@ -59,6 +59,22 @@ def add_into(target: Tensor, tensors: Tensors, scale: float) -> bool:
     return True
 
 
+def factors(tensors: Tensors) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """ΔW/scale as a matrix product: ``(up [out, r], down [r, in·kh·kw], kernel)``, fp32.
+
+    ``kernel`` is the down factor's spatial dims (``()`` for a linear layer, ``(1, 1)``
+    for a 4-D 1×1 conv). A Tucker core is folded into down, exactly and at the same rank:
+    ``down'[m, j, k, l] = Σₙ mid[m, n, k, l]·down[n, j]``, so a Tucker LoCon becomes a
+    plain one (``mat(up) @ mat(down')`` is :func:`delta` flattened)."""
+    import torch
+
+    up, down = mat(f32(tensors["lora_up"])), f32(tensors["lora_down"])
+    mid = tensors.get("lora_mid")
+    if mid is not None:
+        down = torch.einsum("m n ..., n j -> m j ...", f32(mid), mat(down))
+    return up, mat(down), tuple(down.shape[2:])
+
+
 def bias_delta(tensors: Tensors, scale: float) -> Tensor | None:
     bias = tensors.get("lora_up_bias")
     return None if bias is None else f32(bias).reshape(-1) * scale

@@ -12,22 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratool import arch
-from loratool.errors import ConversionError, UsageError
+from loratool.errors import ConversionError
 from loratool.formats.decode import decode
 from loratool.formats.encode import (
     DTYPES,
     ENCODERS,
-    TARGETS,
     EncodeOptions,
     OutputFile,
-    peft_adapter_conflicts,
-    unsupported_reason,
     writes_directory,
 )
 from loratool.formats.family import metadata_contradictions
-from loratool.io.sources import TensorSource, open_source
+from loratool.io.sources import open_source
 from loratool.io.writer import atomic_path, start_sync, write_json, write_safetensors
 from loratool.model import Adapter, AdapterModule
+from loratool.ops.output import by_reason, check_family, check_options, check_output, writable
 from loratool.ops.verify import compare_adapters
 
 CONVERTIBLE_FAMILIES = arch.FAMILIES
@@ -63,18 +61,12 @@ def convert(
     force: bool = False,
 ) -> ConvertResult:
     """Convert ``src`` to ``target`` format at ``output``; see module docstring."""
-    if target not in TARGETS:
-        raise UsageError(None, f"unknown target format {target!r}; choose from {', '.join(TARGETS)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise UsageError(None, f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    out = Path(output)
-    _check_output(Path(src), out, force)
-    if out.is_dir() and not writes_directory(target):
-        raise UsageError(out, f"is a folder; {target} output is one file (give a file name)")
+    check_options(target, dtype)
+    out = check_output([src], output, target, force)
     source = open_source(src)
     try:
         adapter = decode(source, family=family)
-        _check_family(adapter, source)
+        check_family(adapter, source, "convert")
         modules, skipped = _select(adapter, target, skip_unsupported)
         catalog = arch.get_catalog(adapter.family)
         contradicted = _drop_contradicting_metadata(adapter)
@@ -98,49 +90,6 @@ def convert(
     finally:
         source.close()
     return result
-
-
-def _check_output(src: Path, out: Path, force: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if src.exists() and (out.resolve() == src.resolve() or _inside(src.resolve(), out.resolve()) or _inside(out.resolve(), src.resolve())):
-            raise UsageError(out, "refusing to write onto the input")
-        if not force:
-            raise UsageError(out, "already exists (use --force to replace it)")
-    elif src.exists() and _inside(out.resolve(), src.resolve()) and src.is_dir():
-        raise UsageError(out, "refusing to write inside the input folder")
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return child != parent and parent in child.parents
-
-
-def _check_family(adapter: Adapter, source: TensorSource) -> None:
-    """Refuse an adapter of no convertible family; suggest ``--family`` only for the
-    families whose catalog really holds every module (by name and shape)."""
-    if adapter.family in CONVERTIBLE_FAMILIES:
-        return
-    if adapter.family != "unknown":
-        raise ConversionError(
-            adapter.path, f"convert supports {', '.join(CONVERTIBLE_FAMILIES)}; this adapter is {adapter.family}"
-        )
-    fits = [f for f in CONVERTIBLE_FAMILIES if _fits_catalog(source, f)]
-    if len(fits) > 1:
-        raise ConversionError(adapter.path, f"the base model is ambiguous: its modules fit {', '.join(fits)}; pass --family")
-    if fits:
-        raise ConversionError(
-            adapter.path, f"cannot tell the base model family; its modules fit only the {fits[0]} catalog "
-            f"(pass --family {fits[0]} if that is its base model)",
-        )
-    example = next(iter(adapter.modules.values())).source_name
-    raise ConversionError(
-        adapter.path, f"not an adapter for {', '.join(CONVERTIBLE_FAMILIES)}: its modules are in none of their "
-        f"catalogs (e.g. {example!r})",
-    )
-
-
-def _fits_catalog(source: TensorSource, family: str) -> bool:
-    adapter = decode(source, family=family)
-    return not adapter.unknown_keys and all(m.resolved for m in adapter.modules.values())
 
 
 # The PEFT config field naming a base model (checked like the metadata fields).
@@ -175,42 +124,17 @@ def _describe_changes(dropped: dict[str, tuple[str, str]], plan: list[OutputFile
 
 
 def _select(adapter: Adapter, target: str, skip: bool) -> tuple[list[AdapterModule], dict[str, str]]:
-    """Modules the target can hold, and why each other one (and each unknown key) cannot."""
-    keep: list[AdapterModule] = []
-    refused: dict[str, str] = {}
-    for m in adapter.modules.values():
-        reason = unsupported_reason(target, m)
-        if reason is None and not m.resolved:  # every target: a kohya name too must be a real module's
-            reason = f"no module of the {adapter.family} catalog has this name and shape, so it has no {target} name"
-        if reason is None:
-            keep.append(m)
-        else:
-            refused[m.source_name or str(m.key)] = reason
-    if target == "peft":
-        conflicts = peft_adapter_conflicts(keep)
-        keep = [m for m in keep if (m.source_name or str(m.key)) not in conflicts]
-        refused.update(conflicts)
-    for key in adapter.unknown_keys:
-        refused.setdefault(key, "unrecognised key")
+    """Modules the target can hold; the others (and unknown keys) refused unless ``skip``."""
+    keep, refused = writable(adapter, adapter.modules.values(), target)
     if refused and not skip:
         raise ConversionError(
             adapter.path,
-            f"{target} cannot hold {len(refused)} module(s)/key(s): {_by_reason(refused)}; "
+            f"{target} cannot hold {len(refused)} module(s)/key(s): {by_reason(refused)}; "
             "--skip-unsupported writes the rest",
         )
     if not keep:
         raise ConversionError(adapter.path, f"nothing left to write as {target}")
     return keep, refused
-
-
-def _by_reason(refused: dict[str, str]) -> str:
-    """'reason (N: name, name, …)' per distinct reason."""
-    groups: dict[str, list[str]] = {}
-    for name, why in refused.items():
-        groups.setdefault(why, []).append(name)
-    return "; ".join(
-        f"{why} ({len(names)}: {', '.join(names[:2])}{', …' if len(names) > 2 else ''})" for why, names in groups.items()
-    )
 
 
 def _verify(adapter: Adapter, modules: list[AdapterModule], written: Path, result: ConvertResult) -> None:
