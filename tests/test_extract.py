@@ -359,3 +359,30 @@ def test_refusals_are_one_line_and_write_nothing(sd1: Pair, tmp_path: Path) -> N
         assert re.search(pattern, lines[0]), (pattern, lines[0])
         assert not out.exists()
     assert not list(tmp_path.glob(".out*"))  # no temp file left behind
+
+
+def test_batched_svds_equal_one_by_one() -> None:
+    """Same-shaped ΔWs factored in batches (one shared test matrix) give each module the
+    factors it gets alone; groups flush by size and by the pending-memory bound."""
+    from loratool.ops.extract_svd import Batcher, SolveSettings
+
+    gen = torch.Generator().manual_seed(3)
+    mats = [torch.randn(m, 8, generator=gen) @ torch.randn(8, n, generator=gen) + 0.01 * torch.randn(m, n, generator=gen)
+            for m, n in [(96, 64)] * 5 + [(64, 200)] * 3 + [(96, 64)] * 2]
+    settings = SolveSettings("randomized", None, None, None, torch.float32, power_iters=2)
+
+    def run(batch_bytes: int, pending_bytes: int) -> tuple[dict[int, torch.Tensor], int]:
+        b = Batcher(settings, batch_bytes, pending_bytes)
+        done = []
+        for i, a in enumerate(mats):
+            done += b.add(i, a.clone(), 6, a.square().sum().item())
+        done += b.flush()
+        assert sorted(s.index for s in done) == list(range(len(mats)))
+        return {s.index: s.up @ s.down for s in done}, b.batches
+
+    alone, n_alone = run(0, 0)
+    batched, n_batched = run(3 * 96 * 64 * 4, 1 << 30)
+    bounded, n_bounded = run(1 << 30, 2 * 96 * 64 * 4)
+    assert n_alone == len(mats) and n_batched < n_alone and n_bounded < n_alone
+    for i in alone:
+        assert torch.allclose(batched[i], alone[i], atol=1e-5) and torch.allclose(bounded[i], alone[i], atol=1e-5)

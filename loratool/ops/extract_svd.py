@@ -131,9 +131,8 @@ def _factor(job: _Job, svd: object, delta: Tensor, cap: int, s: SolveSettings) -
         up, down = clamp_quantile(up, down, s.clamp)
     up, down = up.to(s.dtype), down.to(s.dtype)
     norm = job.norm_sq**0.5
-    if norm > 0:
-        residual = torch.addmm(delta, up.float(), down.float(), alpha=-1.0)
-        error = torch.linalg.norm(residual).item() / norm
+    if norm > 0:  # ΔW is not needed any more: the residual overwrites it
+        error = torch.linalg.norm(delta.addmm_(up.float(), down.float(), alpha=-1.0)).item() / norm
     else:
         error = 0.0
     return Solved(job.index, up.cpu(), down.cpu(), k, kept.fro, error)
