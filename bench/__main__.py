@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "validate": "bench.bench_validate",
     "scan": "bench.bench_scan",
     "merge": "bench.bench_merge",
+    "extract": "bench.bench_extract",
 }
 
 
