@@ -386,3 +386,18 @@ def test_batched_svds_equal_one_by_one() -> None:
     assert n_alone == len(mats) and n_batched < n_alone and n_bounded < n_alone
     for i in alone:
         assert torch.allclose(batched[i], alone[i], atol=1e-5) and torch.allclose(bounded[i], alone[i], atol=1e-5)
+
+
+def test_the_device_path_gives_the_same_lora(sd1: Pair, sd1_lora: tuple[Path, ExtractResult], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a GPU run does — weights handed over as stored, converted and subtracted where
+    the SVD runs — taken on the CPU (CI has no GPU): the same factors."""
+    import loratool.ops.extract as ex
+
+    monkeypatch.setattr(ex, "converts_on_readers", lambda device: False)
+    out = tmp_path / "device.safetensors"
+    extract(sd1.base, sd1.tuned, out, rank=RANK, conv_rank=RANK, dtype="fp32", text_encoders="on", device="cpu")
+    with safe_open(str(out), "pt") as a, safe_open(str(sd1_lora[0]), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():  # noqa: SIM118
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import click
 
+from loratool.cli.merge_cmd import _terminate_cleanly as terminate_cleanly
 from loratool.formats.encode import DTYPES, TARGETS
 from loratool.ops.extract import (
     DEFAULT_MIN_DIFF,
@@ -50,7 +51,7 @@ def extract_cmd(base: str, tuned: str, output: str, rank: int | None, conv_rank:
     BASE and TUNED are single files or diffusers folders, of one family, in any dtypes.
     Modules kohya's LoRA targets are extracted (3×3 convs with --conv-rank); modules
     whose ΔW is zero or negligible are skipped and listed."""
-    with _progress() as advance:
+    with _progress() as advance, terminate_cleanly():
         r = extract(base, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, threshold=threshold,
                     device=device, dtype=dtype, clamp_quantile=clamp_quantile, text_encoders=text_encoders,
                     min_diff=min_diff, target=target, exact=exact, skip_below=skip_below, force=force,

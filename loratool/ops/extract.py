@@ -447,10 +447,10 @@ class _Extraction:
         import torch
 
         wb, w0 = base
-        if self.device == "cpu":
+        if converts_on_readers(self.device):
             delta = wt.sub_(wb)
-        else:
-            delta = wt.to(self.device, torch.float32).sub_(wb.to(self.device))
+        else:  # as stored (half the bytes to move), converted on the device
+            delta = wt.to(self.device, torch.float32, copy=True).sub_(wb.to(self.device))
         lo, hi = torch.aminmax(delta)
         norm, lo_, hi_ = torch.stack([torch.linalg.vector_norm(delta), lo, hi]).tolist()
         return delta, norm, w0, max(-lo_, hi_)
@@ -469,7 +469,7 @@ class _Extraction:
 
         settings = SolveSettings(self.method, self.dynamic, self.threshold, self.clamp, _torch_dtype(self.dtype),
                                  power_iters=POWER_ITERS)
-        batcher = Batcher(settings, BATCH_BYTES[self.device], PENDING_BYTES[self.device])
+        batcher = Batcher(settings, *_batch_budget(self.device))
         waiting: dict[int, tuple[ModulePair, ModuleExtract]] = {}
 
         def take(done: list[Solved]) -> None:
@@ -554,6 +554,23 @@ class _Extraction:
             metadata=_metadata(out, result),
         )
         return adapter, list(modules.values())
+
+
+def converts_on_readers(device: str) -> bool:
+    """Whether the reader threads hand over fp32 weights (CPU work) or the stored ones
+    (moved to the device as stored: half the bytes for fp16/bf16)."""
+    return device == "cpu"
+
+
+def _batch_budget(device: str) -> tuple[int, int]:
+    """(bytes per batch, bytes pending in all) for the device; on a GPU at most 1/16 and
+    1/4 of its free memory."""
+    if device == "cpu":
+        return BATCH_BYTES["cpu"], PENDING_BYTES["cpu"]
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return min(BATCH_BYTES["cuda"], free // 16), min(PENDING_BYTES["cuda"], free // 4)
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
