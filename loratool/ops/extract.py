@@ -238,7 +238,7 @@ def extract(
                 dynamic, threshold, dtype, clamp_quantile, te, modules=job.records,
             )
             if not result.extracted:
-                raise ConversionError(None, f"nothing to extract: {_why_empty(result)}")
+                raise ConversionError(t.path, f"nothing to extract: {_why_empty(result)}")
             result.files = _write(job, result, out, target, verify)
     return result
 
@@ -601,8 +601,13 @@ def _decision(mode: str, extracted: bool, components: list[str], max_abs: float 
 
 
 def _why_empty(result: ExtractResult) -> str:
-    reasons = sorted({m.skipped or "" for m in result.skipped})
-    return f"every module was skipped ({'; '.join(r.split(':')[0] for r in reasons)})"
+    """Why every module was skipped: counts per reason."""
+    labels = {"identical": "identical to the base", "negligible": "negligible", "text encoder": "text encoder not extracted"}
+    counts: dict[str, int] = {}
+    for m in result.skipped:
+        label = next((v for k, v in labels.items() if (m.skipped or "").startswith(k)), m.skipped or "")
+        counts[label] = counts.get(label, 0) + 1
+    return "every targeted module was skipped (" + "; ".join(f"{label}: {n}" for label, n in sorted(counts.items())) + ")"
 
 
 # ------------------------------------------------------------------------- metadata
