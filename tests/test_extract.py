@@ -401,3 +401,10 @@ def test_the_device_path_gives_the_same_lora(sd1: Pair, sd1_lora: tuple[Path, Ex
         assert sorted(a.keys()) == sorted(b.keys())
         for k in a.keys():  # noqa: SIM118
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+def test_dynamic_methods_are_lowranks() -> None:
+    from loratool.lowrank import RANK_METHODS
+    from loratool.ops.extract import DYNAMIC_METHODS
+
+    assert DYNAMIC_METHODS == RANK_METHODS  # spelled out so that the CLI needs no torch

@@ -15,7 +15,8 @@
   ``conv_dim`` adds them: 3×3 convs at the conv rank, and — like kohya — their linears
   (``time_emb_proj``) and 1×1 convs (``conv_shortcut``) at the linear rank.
 * Factors: ΔW ``[out, in·kh·kw]`` in fp32 on the chosen device; a randomized truncated SVD
-  (range finder, oversampling, power iterations) batched over same-shaped modules, or an
+  (range finder, oversampling, :data:`POWER_ITERS` power iterations) batched over
+  same-shaped modules (:mod:`.extract_svd`; on the CPU only the smallest), or an
   exact economy SVD (``exact``; also for ``--dynamic cumulative``, which needs the whole
   spectrum, and for ``--dynamic`` without a rank cap). Rank: fixed (``rank`` for linear
   and 1×1, ``conv_rank`` for 3×3, capped by the matrix), or per module by ``dynamic``/

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
+    from loratool.lowrank import SVD
+
 METHODS = ("randomized", "exact")
 
 
@@ -115,18 +117,19 @@ def solve(jobs: list[_Job], s: SolveSettings) -> list[Solved]:
     return out
 
 
-def _factor(job: _Job, svd: object, delta: Tensor, cap: int, s: SolveSettings) -> Solved:
+def _factor(job: _Job, svd: SVD, delta: Tensor, cap: int, s: SolveSettings) -> Solved:
+    """One module's rank, factors (clamped, cast) and error; ``delta`` is overwritten."""
     import torch
 
     from loratool.lowrank import clamp_quantile, retention, select_rank, split_factors
 
-    S = svd.S  # type: ignore[attr-defined]
+    S = svd.S
     if s.dynamic is not None:
         k = select_rank(S, s.dynamic, s.threshold, cap, total_sq=job.norm_sq)
     else:
         k = min(cap, int(S.shape[-1]))
     kept = retention(S, k, total_sq=job.norm_sq)
-    up, down = split_factors(svd, k)  # type: ignore[arg-type]
+    up, down = split_factors(svd, k)
     if s.clamp is not None:
         up, down = clamp_quantile(up, down, s.clamp)
     up, down = up.to(s.dtype), down.to(s.dtype)
