@@ -22,6 +22,7 @@ BENCHES: dict[str, str] = {
     "catalog": "bench.bench_catalog",
     "validate": "bench.bench_validate",
     "scan": "bench.bench_scan",
+    "extract": "bench.bench_extract",
 }
 
 

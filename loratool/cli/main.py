@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "scan": "loratool.cli.scan_cmd:scan_cmd",
     "resize": "loratool.cli.resize_cmd:resize_cmd",
     "merge-loras": "loratool.cli.merge_loras_cmd:merge_loras_cmd",
+    "extract": "loratool.cli.extract_cmd:extract_cmd",
     "search": "loratool.cli.registry_cmds:search_cmd",
     "info": "loratool.cli.registry_cmds:info_cmd",
     "lookup": "loratool.cli.registry_cmds:lookup_cmd",
