@@ -221,6 +221,15 @@ STEPS: list[Step] = [
          code=1, check=error_line("different families")),
     Step("merge-loras {fixtures}/sd15_kohya_lora.safetensors --mode svd -o {work}/never.safetensors", code=2,
          check=error_line("--rank")),
+    # extract, from a small generated base/tuned pair (prepare())
+    Step("extract {work}/pair/base.safetensors {work}/pair/tuned.safetensors -o {work}/x.safetensors --rank 8 --text-encoders on",
+         check=exists("x.safetensors")),
+    Step("extract {work}/pair/base.safetensors {work}/pair/tuned.safetensors -o {work}/x_peft --rank 4 --to peft --json",
+         check=json_out(lambda d: isinstance(d, dict), "an object")),
+    Step("extract {work}/pair/base.safetensors {work}/pair/tuned.safetensors -o {work}/pair/base.safetensors --rank 8 --force",
+         code=2),
+    Step("extract {work}/pair/base.safetensors {fixtures}/sd15_kohya_lora.safetensors -o {work}/y.safetensors --rank 4",
+         code=1, check=exists("y.safetensors", present=False)),
     # validate and metadata
     Step("validate {fixtures}/sd15_kohya_lora.safetensors", check=stdout_has("ok")),
     Step("validate --json {fixtures}", check=json_out(lambda d: isinstance(d, list) and len(d) >= 10, "≥ 10 reports")),
@@ -299,6 +308,8 @@ def prepare(work: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "fixtures" / "checkpoints.py"), "sd1", str(work / "sd1.safetensors"),
                     "--catalog", "--lora", str(ROOT / "fixtures" / "sd15_kohya_loha.safetensors")],
                    check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "fixtures" / "extract_pairs.py"), "sd1", str(work / "pair"),
+                    "--catalog", "--modules", "4", "--rank", "8"], check=True, capture_output=True)
     reg = work / "registry"
     reg.mkdir()
     write_safetensors(reg / "animeStyle.safetensors", 60_000, seed=1)
