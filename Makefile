@@ -1,11 +1,11 @@
-# One venv, two commands: `make demo` and `make test`.
+# One venv, two commands: `make demo` and `make test`; `make smoke` between them.
 PY      ?= python3
-VENV    := .venv
+VENV    ?= .venv
 BIN     := $(VENV)/bin
 # The CPU build of torch; pip finds it on local disk here and on PyPI's CPU index elsewhere.
 TORCH   ?= torch==2.13.0
 
-.PHONY: demo test bench lint venv install install-test fixtures clean
+.PHONY: demo smoke test bench lint venv install install-test fixtures clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,12 @@ demo: install
 	rm -rf /tmp/loratool-demo && mkdir -p /tmp/loratool-demo
 	$(BIN)/loratool convert fixtures/sdxl_kohya_lora.safetensors --to diffusers -o /tmp/loratool-demo/sdxl_diffusers.safetensors
 	$(BIN)/loratool inspect /tmp/loratool-demo/sdxl_diffusers.safetensors
+
+# Every CLI command end to end (tests/smoke.py). Right after `make demo` the venv holds only
+# the runtime dependencies, so one that is missing fails here; SMOKE_ARGS=--runtime-only
+# refuses to run in a venv that has test extras (as .ci/run does).
+smoke: install
+	$(BIN)/python tests/smoke.py $(SMOKE_ARGS)
 
 test: install-test
 	$(BIN)/ruff check loratool tests bench fixtures

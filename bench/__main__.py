@@ -13,9 +13,16 @@ import time
 # name -> module with a ``run() -> None`` function. One line per benchmark.
 BENCHES: dict[str, str] = {
     "inspect": "bench.bench_inspect",
+    "header": "bench.bench_header",
     "hashing": "bench.bench_hashing",
     "convert": "bench.bench_convert",
+    "resize": "bench.bench_resize",
     "download": "bench.bench_download",
+    "merge": "bench.bench_merge",
+    "catalog": "bench.bench_catalog",
+    "validate": "bench.bench_validate",
+    "scan": "bench.bench_scan",
+    "extract": "bench.bench_extract",
 }
 
 

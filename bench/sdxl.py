@@ -29,6 +29,18 @@ def sdxl_r128() -> Path:
     return _generate(scratch() / "sdxl_kohya_r128.safetensors", code)
 
 
+def sdxl_subset_r128() -> Path:
+    """The SDXL fixture's 71-module subset (UNet 320/640/1280-wide blocks with resnet and
+    sampler convs, both text encoders) at rank 128 (convs too), fp16: for quick runs of
+    the rank benchmarks."""
+    code = (
+        "import sys, torch\n"
+        "from fixtures.generate import write_kohya_sdxl\n"
+        "write_kohya_sdxl(sys.argv[1], rank=128, dtype=torch.float16, modules='subset', conv_rank=128)\n"
+    )
+    return _generate(scratch() / "sdxl_kohya_subset_r128.safetensors", code)
+
+
 def lora_shaped(name: str, target_bytes: int) -> Path:
     """A kohya SDXL-shaped file of about ``target_bytes``: real header and alphas, sparse
     zero tensor data (inspect never reads it)."""

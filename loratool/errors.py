@@ -26,6 +26,11 @@ class InputError(LoraToolError):
     """A file or folder that cannot be read as what it claims to be."""
 
 
+class LayoutError(InputError):
+    """A safetensors file whose data area has gaps, overlaps or trailing bytes: the
+    reference library refuses it, so loratool does too."""
+
+
 class UnsafeInputError(InputError):
     """Input refused because reading it could execute code (e.g. a malicious pickle)."""
 
@@ -38,6 +43,10 @@ class UsageError(LoraToolError):
     """Options that do not fit together, or an output that would overwrite something."""
 
     exit_code = 2
+
+
+class OutputError(LoraToolError):
+    """An output that cannot be written (permissions, a full disk, a read-only file system)."""
 
 
 class ConversionError(LoraToolError):

@@ -118,3 +118,25 @@ class Adapter:
     # not fit together, integer factors, an alpha that is NaN/Inf or beyond float32…):
     # source module name -> why. They are not in ``modules``.
     invalid_modules: dict[str, str] = field(default_factory=dict)
+    # Of those, what is wrong with each: "shape" (factors that do not join, a dora_scale
+    # that fits neither axis, an alpha of several values), "nonfinite" (a NaN/Inf alpha or
+    # scale) or "value" (integer factors, a boolean alpha, out of float32 range…).
+    invalid_kinds: dict[str, str] = field(default_factory=dict)
+
+    _closer: Callable[[], None] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def attach(self, closer: Callable[[], None]) -> None:
+        """Hand the adapter the function that releases its source's open files."""
+        self._closer = closer
+
+    def close(self) -> None:
+        """Release the source's open file handles (idempotent). Module tensors stay
+        readable: a later ``TensorRef.load()`` opens the file again until the next close."""
+        if self._closer is not None:
+            self._closer()
+
+    def __enter__(self) -> Adapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

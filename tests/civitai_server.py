@@ -106,6 +106,7 @@ class Faults:
     login_redirect: bool = False  # download endpoint redirects to /login?reason=download-auth
     require_auth: bool = False
     status: int | None = None   # download endpoint answers this status (403, 404, 410)
+    message: str | None = None  # ... with this "message" in its JSON body
 
 
 @dataclass
@@ -378,6 +379,8 @@ def _download(h: Any, reg: CivitaiTestServer, vid: str) -> None:
                       "message": "This asset is in Early Access"},
                 410: {"error": "Model archived, not available for download"}}.get(f.status,
                                                                                   {"error": "File not found"})
+        if f.message is not None:
+            body = {**body, "message": f.message}
         h.send_json(f.status, body)
         return
     if f.api_429 > 0:

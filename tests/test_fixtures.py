@@ -25,7 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 MANIFEST = json.loads((FIX / "manifest.json").read_text())
-GENERATOR_FILES = {"generate.py", "README.md", "manifest.json"}
+GENERATOR_FILES = {"generate.py", "checkpoints.py", "extract_pairs.py", "README.md", "manifest.json"}
 
 
 def _load_generator() -> Any:

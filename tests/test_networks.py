@@ -465,7 +465,8 @@ def test_dora_matches_lycoris(lyco, axis, conv, multiplier):
     dshape = (n, *([1] * (len(shape) - 1))) if axis == "out" else (1, n, *([1] * (len(shape) - 2)))
     t["dora_scale"] = rand(*dshape).abs() + 0.5
     assert dora_axis(dshape, shape) == axis
-    dw = delta_weight("lora", t, 1.5, shape)
+    # ΔW from LyCORIS too (scale alpha/rank = 1.5/3), not from the code under test
+    dw = lyco.locon.diff_weight(t["lora_down"], t["lora_up"], None, gamma=0.5, backend="torch").reshape(shape)
     expected = lyco.general._weight_decompose(w0 + dw, t["dora_scale"], multiplier, axis == "out")
     close(merged_weight("lora", t, 1.5, w0, multiplier), expected, 1e-4)
     close(apply_dora(w0, dw, t["dora_scale"], axis, multiplier), expected, 1e-4)
@@ -681,7 +682,15 @@ def test_dora_multiplier_zero_is_plain_lora_merge():
     mag = torch.rand(8, 1) + 0.5
     close(apply_dora(w0, dw, mag, "out", 0.0), w0 + dw)
     v = w0 + dw
-    close(apply_dora(w0, dw, mag, "out", 1.0), mag * v / v.norm(dim=1, keepdim=True))
-    close(apply_dora(w0, dw, mag.reshape(1, 8).T, "out"), apply_dora(w0, dw, mag, "out"))
+    row_norm = torch.sqrt((v * v).sum(dim=1, keepdim=True))  # [8, 1], written out by hand
+    close(apply_dora(w0, dw, mag, "out", 1.0), mag * v / row_norm)
+    # PEFT's 1-D magnitude [out] means the same as the K layout [out, 1]
+    close(apply_dora(w0, dw, mag.reshape(8), "out"), mag * v / row_norm)
+    # axis "in": one magnitude per input column, normalised by column norms
+    col_mag = torch.rand(1, 6) + 0.5
+    col_norm = torch.sqrt((v * v).sum(dim=0, keepdim=True))  # [1, 6]
+    close(apply_dora(w0, dw, col_mag, "in"), col_mag * v / col_norm)
+    # a multiplier interpolates the scale factor: V·(1 + m·(M/‖V‖ − 1))
+    close(apply_dora(w0, dw, mag, "out", 0.5), v * (0.5 + 0.5 * mag / row_norm))
     with pytest.raises(ValueError):
         apply_dora(w0, dw, mag, "rows")

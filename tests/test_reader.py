@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from loratool import LoraToolError, load
 from loratool.errors import InputError, NotAnAdapterError, UnsafeInputError
-from loratool.io.safetensors import SafetensorsFile, read_header
+from loratool.io.safetensors import SafetensorsFile
 from tests.conftest import run_cli, write_raw_safetensors
 
 GOOD_HEADER = {
@@ -142,15 +142,46 @@ def test_plain_tensor_pickle_is_read_with_weights_only(tmp_path: Path) -> None:
     assert (module.rank, module.alpha, module.scale) == (2, 1.0, 0.5)
 
 
-def test_tensors_are_memory_mapped_and_lazy(tmp_path: Path) -> None:
-    tensors = {"x.lora_down.weight": torch.arange(12, dtype=torch.float16).reshape(3, 4)}
+def _bytes_read() -> int:
+    """Bytes this thread has passed through read()/pread() so far (Linux ``rchar``)."""
+    with open("/proc/thread-self/io") as fh:
+        return int(next(line for line in fh if line.startswith("rchar:")).split()[1])
+
+
+def test_tensor_bytes_are_read_only_when_asked_for(tmp_path: Path) -> None:
+    """Opening and loading read the header (and the alpha scalars), never tensor data;
+    ``get`` preads exactly the one tensor asked for (no memory map: bytes are counted)."""
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    tensors = {
+        f"{name}.lora_down.weight": torch.ones(8, 320, dtype=torch.float16),
+        f"{name}.lora_up.weight": torch.arange(320 * 8 * 1024, dtype=torch.float32).reshape(320 * 1024, 8) % 7,
+        f"{name}.alpha": torch.tensor(4.0),
+    }
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path), metadata={"k": "v"})
-    with SafetensorsFile(path) as f:
+    big = tensors[f"{name}.lora_up.weight"].numel() * 4  # 10 MiB
+    slack = 64 * 1024  # the header, Python's read buffer and the counter file itself
+
+    before = _bytes_read()
+    f = SafetensorsFile(path)
+    assert _bytes_read() - before < slack
+    try:
         assert f.metadata == {"k": "v"}
-        assert torch.equal(f.get("x.lora_down.weight"), tensors["x.lora_down.weight"])
-        assert f.scalar("x.lora_down.weight") == 0.0
-    assert read_header(path).tensors["x.lora_down.weight"].shape == (3, 4)
+        before = _bytes_read()
+        assert f.scalar(f"{name}.alpha") == 4.0
+        assert torch.equal(f.get(f"{name}.lora_down.weight"), tensors[f"{name}.lora_down.weight"])
+        assert _bytes_read() - before < slack
+        before = _bytes_read()
+        assert torch.equal(f.get(f"{name}.lora_up.weight"), tensors[f"{name}.lora_up.weight"])
+        assert big <= _bytes_read() - before < big + slack
+    finally:
+        f.close()
+
+    load(path).close()  # once first, so that module imports are not counted
+    before = _bytes_read()
+    with load(path) as adapter:  # the whole decode: header + alpha only
+        assert adapter.modules and next(iter(adapter.modules.values())).alpha == 4.0
+    assert _bytes_read() - before < slack
 
 
 def _mutations() -> st.SearchStrategy:
@@ -186,3 +217,40 @@ def test_header_length_that_looks_like_pickle_magic(tmp_path: Path, suffix: str)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64))
     assert path.read_bytes()[:2] == b"\x80\x02"
     assert len(load(path).modules) == 1
+
+
+def _many_tensors(n: int) -> bytes:
+    parts = [f'"lora_unet_{i:08d}.alpha":{{"dtype":"F32","shape":[],"data_offsets":[{4 * i},{4 * i + 4}]}}' for i in range(n)]
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+@pytest.mark.parametrize("n", [2_000, 20_000])
+def test_header_parse_memory_is_linear_in_its_size(n: int) -> None:
+    """Python allocations while parsing stay within a fixed multiple of the header's size
+    (entries become compact records as they are read; no dict per tensor piles up)."""
+    import tracemalloc
+
+    from loratool.io.safetensors import parse_header_bytes
+
+    raw = _many_tensors(n)
+    prefix = struct.pack("<Q", len(raw)) + raw
+    tracemalloc.start()
+    try:
+        header = parse_header_bytes("x", prefix, len(prefix) + 4 * n)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(header.tensors) == n
+    assert peak < 8 * len(raw), f"{peak / len(raw):.1f} bytes of Python objects per header byte"  # was 10.7
+
+
+def test_huge_dimensions_stop_at_the_first_overflow() -> None:
+    """The element count is multiplied with a 64-bit check, so 100k dimensions of 2**63-1
+    before a 0 are refused at the second one, not multiplied into a 6-million-digit number."""
+    from loratool.io.safetensors import parse_header_bytes
+
+    dims = ",".join(["9223372036854775807"] * 100_000)
+    raw = ('{"a":{"dtype":"F32","shape":[' + dims + ',0],"data_offsets":[0,0]}}').encode()
+    prefix = struct.pack("<Q", len(raw)) + raw
+    with pytest.raises(InputError, match="overflows 64 bits"):
+        parse_header_bytes("x", prefix, len(prefix))

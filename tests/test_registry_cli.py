@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def reg(tmp_path: Path) -> Iterator[CivitaiTestServer]:
         server.add_model(101, "Anime Style", [Version(1001, 101, a, faults=Faults(require_auth=True))])
         server.add_model(102, "Pixel Art", [Version(1002, 102, b, base_model="SD 1.5")])
         server.add_model(103, "Broken", [Version(1003, 103, c, hashes={"SHA256": "AB" * 32})])
+        d = write_safetensors(tmp_path / "hostile.safetensors", 30_000, seed=4)
+        server.add_model(104, HOSTILE, [Version(1004, 104, d, name=HOSTILE, base_model=HOSTILE, file_name=HOSTILE_FILE)],
+                         tags=(HOSTILE,), creator=HOSTILE)
+        server.versions[1004].faults = Faults()
+        server.add_model(105, "Refused", [Version(1005, 105, d, faults=Faults(status=403, message=HOSTILE))])
         yield server
     assert not [r for r in server.seen("storage") if "Authorization" in r.headers]
 
@@ -49,6 +55,60 @@ def run(*args: str, env: dict[str, str], stdin: str | None = None, preexec: obje
 def invoke(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
     return result.exit_code, result.output
+
+
+# Registry strings that try to drive the terminal: an OSC 8 hyperlink, a window title, a
+# screen clear (7-bit and 8-bit CSI), a bidi override, a lone surrogate and rich markup.
+HOSTILE = ("Mdl\x1b]8;;http://evil.example\x07[link=http://evil.example]click[/link][bold]B[/bold]"
+           "\x1b]0;pwned\x07\x9b2J\u202egnp.exe\x1b[2J\ud800")
+HOSTILE_FILE = "evil\x1b[31m\u202egnp\x85.safetensors"
+UNSAFE = ("Cc", "Cf", "Cs", "Zl", "Zp")  # Unicode controls, format characters, surrogates, separators
+
+
+def _terminal_safe(text: str) -> None:
+    bad = sorted({repr(c) for c in text if c != "\n" and unicodedata.category(c) in UNSAFE})
+    assert not bad, f"unsafe characters reached the terminal: {bad}"
+
+
+def test_hostile_registry_strings_print_as_plain_text(env: dict[str, str], reg: CivitaiTestServer, tmp_path: Path) -> None:
+    env = {**env, "COLUMNS": "400"}
+    runs = {
+        "search": run("search", "Mdl", env=env),
+        "info": run("info", "104", env=env),
+        "info-version": run("info", "--version", "1004", env=env),
+        "lookup": run("lookup", str(tmp_path / "hostile.safetensors"), env=env),
+    }
+    for what, p in runs.items():
+        assert p.returncode == 0, (what, p.stderr)
+        _terminal_safe(p.stdout + p.stderr)
+        assert "[link=http://evil.example]click[/link][bold]B[/bold]" in p.stdout, what  # markup printed literally
+        assert "\\x1b]8;;http://evil.example\\x07" in p.stdout, what  # escapes shown, not acted on
+    assert "\\u202egnp.exe\\x1b[2J\\ud800" in runs["info"].stdout  # (tables may cut long cells short)
+
+
+def test_hostile_registry_json_is_the_same_data_without_raw_controls(env: dict[str, str]) -> None:
+    for args in (("search", "Mdl", "--json"), ("info", "104", "--json")):
+        p = run(*args, env=env)
+        assert p.returncode == 0, p.stderr
+        _terminal_safe(p.stdout)
+        data = json.loads(p.stdout)
+        model = data[0] if isinstance(data, list) else data
+        assert model["name"] == HOSTILE and model["creator"]["username"] == HOSTILE
+
+
+def test_hostile_file_name_is_stripped_and_error_bodies_neutralised(env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "dl"
+    p = run("fetch", "--version", "1004", "-o", str(out), env=env)
+    assert p.returncode == 0, p.stderr
+    _terminal_safe(p.stdout + p.stderr)
+    assert sorted(x.name for x in out.iterdir()) == ["evilgnp.civitai.info", "evilgnp.safetensors"]
+    assert (out / "evilgnp.safetensors").read_bytes() == (tmp_path / "hostile.safetensors").read_bytes()
+    info = json.loads((out / "evilgnp.civitai.info").read_text(encoding="utf-8"))  # the data, intact
+    assert info["model"]["name"] == HOSTILE and info["files"][0]["name"] == HOSTILE_FILE
+    refused = run("fetch", "--version", "1005", "-o", str(out), env=env)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    _terminal_safe(refused.stderr)
+    assert "HTTP 403" in refused.stderr and "\\x1b]0;pwned\\x07" in refused.stderr
 
 
 def test_search_table_and_json(env: dict[str, str]) -> None:

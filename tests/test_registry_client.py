@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,7 +102,9 @@ def test_token_header_only_on_own_origin() -> None:
 def test_retry_after_parsing() -> None:
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
-    assert 0 <= (parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") or 0) == 0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
+    soon = email.utils.formatdate(time.time() + 40, usegmt=True)  # an HTTP date 40 s ahead
+    assert 30 <= (parse_retry_after(soon) or -1) <= 41
     assert RetryPolicy(max_retry_after=10).delay(0, "60") is None
     assert RetryPolicy(base=0.01).delay(0, "2") == 2.0
 
@@ -193,7 +197,14 @@ def test_select_file_prefers_primary_model_never_training_data() -> None:
     ("../../evil.safetensors", "evil.safetensors"),
     ("..\\..\\evil.safetensors", "evil.safetensors"),
     ("/abs/path/x.safetensors", "x.safetensors"),
-    ("a\x00b\x07c.safetensors", "a_b_c.safetensors"),
+    ("a\x00b\x07c.safetensors", "abc.safetensors"),
+    ("red\x1b[31mtext\x1b[0m.safetensors", "redtext.safetensors"),  # CSI sequences, whole
+    ("\x1b]0;owned\x07title.safetensors", "title.safetensors"),  # OSC (window title) ended by BEL
+    ("\x1b]8;;http://evil.example\x1b\\link\x1b]8;;\x1b\\.safetensors", "link.safetensors"),  # OSC 8 hyperlink
+    ("c1\x9b31mx\x85y.safetensors", "c1xy.safetensors"),  # 8-bit CSI and NEL
+    ("photo\u202egnp.safetensors", "photognp.safetensors"),  # right-to-left override
+    ("a\u2066b\u2069\u200fc\u2028d.safetensors", "abcd.safetensors"),  # isolates, RLM, line separator
+    ("Ünïcode ✓ 日本.safetensors", "Ünïcode ✓ 日本.safetensors"),  # ordinary text is kept
     ("CON.safetensors", "_CON.safetensors"),
     ("aux.v2.safetensors", "_aux.v2.safetensors"),
     ("...hidden.safetensors", "hidden.safetensors"),

@@ -246,6 +246,20 @@ def test_pickle_is_refused_unless_allowed(reg: CivitaiTestServer, tmp_path: Path
     assert (tmp_path / "out" / "old.ckpt").exists()
 
 
+def test_pickle_named_only_by_content_disposition_is_refused(reg: CivitaiTestServer, tmp_path: Path) -> None:
+    """The API lists no file name (and calls the format SafeTensor); the storage server's
+    Content-Disposition says old.ckpt: the pickle rule applies to the name it would get."""
+    src = add(reg, tmp_path, file_name="old.ckpt", list_name=False)
+    assert reg.version_json(1)["files"][0]["name"] == ""
+    with pytest.raises(RegistryError, match="--allow-pickle") as err:
+        fetch(reg, tmp_path / "out")
+    assert err.value.path == "old.ckpt"
+    assert listing(tmp_path / "out") == []
+    fetch(reg, tmp_path / "out", allow_pickle=True)
+    assert listing(tmp_path / "out") == ["old.civitai.info", "old.ckpt"]
+    assert (tmp_path / "out" / "old.ckpt").read_bytes() == src.read_bytes()
+
+
 def test_scan_results_other_than_success_warn(reg: CivitaiTestServer, tmp_path: Path) -> None:
     add(reg, tmp_path, scan="Danger")
     res = fetch(reg, tmp_path / "out")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli.inspect_cmd import FAMILY_CHOICES
+from loratool.cli.main import one_line, processing
 from loratool.formats.encode import DTYPES, TARGETS
 from loratool.ops.convert import convert
 
@@ -27,10 +28,11 @@ def convert_cmd(
     force: bool, keep_factors: bool,
 ) -> None:
     """Convert a LoRA between kohya (A1111/ComfyUI), diffusers and PEFT key formats."""
-    r = convert(
-        src, target, output, family=family, dtype=dtype, verify=verify, skip_unsupported=skip_unsupported, force=force,
-        keep_factors=keep_factors,
-    )
+    with processing(src):
+        r = convert(
+            src, target, output, family=family, dtype=dtype, verify=verify, skip_unsupported=skip_unsupported,
+            force=force, keep_factors=keep_factors,
+        )
     click.echo(f"wrote {r.output} ({r.target}, {r.family}, {r.modules} modules)")
     for path in r.files:
         if path != r.output:
@@ -43,7 +45,9 @@ def convert_cmd(
     if r.max_abs_diff is not None:
         relation = "≤" if r.bounded_modules else "="  # a bound from the factors where they were compared
         click.echo(f"verified: max |ΔW difference| {relation} {r.max_abs_diff:.3g} over {r.modules} modules ({r.identical_modules} byte-identical)")
+    for key, change in r.metadata_changes.items():
+        click.echo(f"metadata: {key} {change}: it contradicted the written family {r.family}", err=True)
     if r.skipped:
         click.echo(f"left out {len(r.skipped)} module(s)/key(s):", err=True)
         for name, why in r.skipped.items():
-            click.echo(f"  {name}: {why}", err=True)
+            click.echo(f"  {one_line(name)}: {one_line(why)}", err=True)

@@ -4,48 +4,72 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import click
 
-from loratool.errors import LoraToolError
-from loratool.ops.inspect import InspectReport, expand, inspect
+from loratool.cli.main import FileErrors
+from loratool.library.walk import NOT_A_MODEL, WalkEntry
+from loratool.ops.inspect import InspectReport, survey
 
 FAMILY_CHOICES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux")
 
 
 @click.command("inspect")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per path (an array for several).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for one adapter; an array for several paths or a folder.")
 @click.option("--hashes", is_flag=True, help="Add sha256, AutoV1, AutoV2 and AutoV3 (reads the whole file).")
 @click.option("--keys", is_flag=True, help="List every tensor key.")
 @click.option("--family", type=click.Choice(FAMILY_CHOICES), help="Override family detection.")
 def inspect_cmd(paths: tuple[str, ...], as_json: bool, hashes: bool, keys: bool, family: str | None) -> None:
     """Show format, family, network types, rank, alpha and targets of LoRA files or folders.
 
-    A folder that is not itself an adapter (PEFT/diffusers layout) stands for the LoRA
-    files directly inside it."""
-    reports: list[InspectReport] = []
-    failed = 0
-    paths = tuple(expand(list(paths)))
-    for path in paths:
-        try:
-            report = inspect(path, hashes=hashes, keys=keys, family=family)
-        except LoraToolError as err:
-            click.echo(f"error: {err}", err=True)
-            failed += 1
-            continue
-        reports.append(report)
-        if not as_json:
-            render(report)
+    Folders are walked recursively; an adapter folder (PEFT/diffusers layout) is one
+    adapter. What is not an adapter is listed on stderr (files that are not model files
+    as one summary line per folder), and every unreadable entry gets an error line."""
+    reports: list[dict[str, Any]] = []
+    errors = FileErrors()
+    adapters: Counter[str] = Counter()  # root -> adapter entries found under it
+    others: dict[str, list[WalkEntry]] = {}  # root -> files that are not model files
+    for item in survey(paths, hashes=hashes, keys=keys, family=family):
+        entry = item.entry
+        adapters[entry.root] += entry.is_adapter
+        if item.report is not None:
+            with errors.guard(entry.path):
+                if as_json:
+                    fields = item.report.to_json()
+                    json.dumps(fields, allow_nan=False)  # one that is not strict JSON fails here, alone
+                    reports.append(fields)
+                else:
+                    render(item.report)
+        if item.error is not None:
+            errors.record(item.error, entry.path)
+        elif item.report is None and entry.reason == NOT_A_MODEL:
+            others.setdefault(entry.root, []).append(entry)
+        elif item.report is None:
+            click.echo(f"note: {entry.path}: {entry.reason}", err=True)
+    for root in paths:
+        skipped = others.get(root, [])
+        if skipped:
+            click.echo(f"note: {root}: skipped {len(skipped)} file(s) that are not model files ({_suffixes(skipped)})", err=True)
+        if not adapters[root] and Path(root).is_dir():
+            click.echo(f"error: {root}: holds no adapter (none in this folder or below it)", err=True)
+            errors.fail(1)
     if as_json:
-        payload: Any = [r.to_json() for r in reports]
-        if len(paths) == 1 and reports:
-            payload = payload[0]
+        payload: Any = reports
+        if len(paths) == 1 and len(reports) == 1 and reports[0]["path"] == paths[0]:
+            payload = payload[0]  # one adapter named directly: one object
         json.dump(payload, sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
-    if failed:
-        sys.exit(1)
+    if errors.exit_code:
+        sys.exit(errors.exit_code)
+
+
+def _suffixes(entries: list[WalkEntry]) -> str:
+    counts = Counter(e.suffix or "no extension" for e in entries)
+    return ", ".join(f"{s} ×{n}" if n > 1 else s for s, n in sorted(counts.items()))
 
 
 def render(r: InspectReport) -> None:

@@ -1,12 +1,14 @@
 """``loratool search | info | lookup | fetch | config``: a thin skin over ``loratool.registry``.
 
 Tables and progress go through rich; progress and warnings go to stderr so that ``--json``
-output on stdout stays clean. The token is never echoed, logged or put in a URL.
+output on stdout stays clean. The token is never echoed, logged or put in a URL. Every
+string that came from a registry is printed through :mod:`loratool.registry.terminal`
+(``safe``/``markup``/``safe_json``): no escape sequence, bidi override or rich markup in a
+model name reaches the terminal as anything but visible text.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -31,6 +33,7 @@ from loratool.registry import (
     resolve_version,
 )
 from loratool.registry import config as cfg
+from loratool.registry.terminal import markup, safe, safe_json
 
 if TYPE_CHECKING:  # rich loads only when something is rendered (fast `fetch --quiet`)
     from rich.console import Console
@@ -84,11 +87,16 @@ def new_table(title: str) -> Table:
 
 
 def warn(path: Any, message: str) -> None:
-    click.echo(f"warning: {path}: {message}", err=True)
+    click.echo(f"warning: {safe(path)}: {safe(message)}", err=True)
 
 
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False))
+    click.echo(safe_json(data))
+
+
+def row(*cells: object) -> list[str]:
+    """Table cells from registry values: safe for the terminal and for rich markup."""
+    return [markup(c) for c in cells]
 
 
 def human_size(n: float | None) -> str:
@@ -125,15 +133,16 @@ def search_cmd(query: str, types: tuple[str, ...], base_models: tuple[str, ...],
     if as_json:
         emit_json(items)
         return
-    table = new_table(f"{len(items)} result(s) for {query!r}")
+    table = new_table(markup(f"{len(items)} result(s) for {query!r}"))
     for col, just in (("ID", "right"), ("Name", "left"), ("Type", "left"), ("Base model", "left"),
                       ("Creator", "left"), ("Downloads", "right"), ("Latest version", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for m in items:
         latest = (m.get("modelVersions") or [{}])[0]
-        table.add_row(str(m.get("id")), str(m.get("name")), str(m.get("type")),
-                      str(latest.get("baseModel", "")), str((m.get("creator") or {}).get("username", "")),
-                      f"{(m.get('stats') or {}).get('downloadCount', 0):,}", str(latest.get("id", "")))
+        downloads = (m.get("stats") or {}).get("downloadCount", 0)
+        table.add_row(*row(m.get("id"), m.get("name"), m.get("type"), latest.get("baseModel", ""),
+                           (m.get("creator") or {}).get("username", ""),
+                           f"{downloads:,}" if isinstance(downloads, int) else downloads, latest.get("id", "")))
     out_console().print(table)
 
 
@@ -163,16 +172,17 @@ def info_cmd(ref: str | None, version_id: int | None, as_json: bool, registry: s
         return
     con = out_console()
     creator = (model.get("creator") or {}).get("username", "?")
-    con.print(f"[bold]{model.get('name')}[/bold]  (model {model.get('id')}, {model.get('type')}, by {creator})")
+    con.print(f"[bold]{markup(model.get('name'))}[/bold]  (model {markup(model.get('id'))}, "
+              f"{markup(model.get('type'))}, by {markup(creator)})")
     if model.get("tags"):
-        con.print(f"tags: {', '.join(map(str, model['tags']))}")
+        con.print(f"tags: {markup(', '.join(map(str, model['tags'])))}")
     versions = model.get("modelVersions") or []
     table = new_table("versions")
     for col in ("ID", "Name", "Base model", "Published", "Files"):
         table.add_column(col)
     for v in versions:
-        table.add_row(str(v.get("id")), str(v.get("name")), str(v.get("baseModel")),
-                      str(v.get("publishedAt", ""))[:10], str(len(v.get("files") or [])))
+        table.add_row(*row(v.get("id"), v.get("name"), v.get("baseModel"),
+                           str(v.get("publishedAt", ""))[:10], len(v.get("files") or [])))
     con.print(table)
     chosen = next((v for v in versions if v.get("id") == target.version_id), versions[0] if versions else None)
     if chosen:
@@ -182,9 +192,9 @@ def info_cmd(ref: str | None, version_id: int | None, as_json: bool, registry: s
 def _print_version(con: Console, v: dict[str, Any], title: bool = True) -> None:
     if title:
         model = v.get("model") or {}
-        con.print(f"[bold]{model.get('name', '?')}[/bold] — version {v.get('name')} (id {v.get('id')}, "
-                  f"model {v.get('modelId')}, {v.get('baseModel')})")
-    table = new_table(f"files of version {v.get('id')}")
+        con.print(f"[bold]{markup(model.get('name', '?'))}[/bold] — version {markup(v.get('name'))} "
+                  f"(id {markup(v.get('id'))}, model {markup(v.get('modelId'))}, {markup(v.get('baseModel'))})")
+    table = new_table(markup(f"files of version {v.get('id')}"))
     for col, wrap in (("Name", True), ("Type", True), ("Format", False), ("fp", False), ("Size", False),
                       ("AutoV2", False), ("AutoV3", False), ("Scan", False)):
         table.add_column(col, overflow="fold", no_wrap=not wrap, min_width=12 if col == "Name" else None)
@@ -193,15 +203,14 @@ def _print_version(con: Console, v: dict[str, Any], title: bool = True) -> None:
         meta, hashes = f.get("metadata") or {}, f.get("hashes") or {}
         kb = f.get("sizeKB")
         kind = f"{f.get('type')}{' (primary)' if f.get('primary') else ''}"
-        table.add_row(str(f.get("name")), kind, str(meta.get("format", "")),
-                      str(meta.get("fp", "")), human_size(kb * 1024 if kb is not None else None),
-                      str(hashes.get("AutoV2", "—")), str(hashes.get("AutoV3", "—")),
-                      str(f.get("pickleScanResult", "?")))
+        size = human_size(kb * 1024) if isinstance(kb, (int, float)) else "?"
+        table.add_row(*row(f.get("name"), kind, meta.get("format", ""), meta.get("fp", ""), size,
+                           hashes.get("AutoV2", "—"), hashes.get("AutoV3", "—"), f.get("pickleScanResult", "?")))
     con.print(table)
     for f in files:
-        con.print(f"SHA256 {(f.get('hashes') or {}).get('SHA256', '— (not listed)')}  {f.get('name')}")
+        con.print(markup(f"SHA256 {(f.get('hashes') or {}).get('SHA256', '— (not listed)')}  {f.get('name')}"))
     words = v.get("trainedWords") or []
-    con.print(f"trained words: {', '.join(map(str, words)) if words else '—'}")
+    con.print(markup(f"trained words: {', '.join(map(str, words)) if words else '—'}"))
 
 
 # -- lookup ---------------------------------------------------------------------------------
@@ -223,7 +232,7 @@ def lookup_cmd(files: tuple[Path, ...], as_json: bool, quiet: bool, registry: st
         results = lookup_files(client, list(files), on_hash)
     failed = [r for r in results if r.error]
     for r in failed:
-        click.echo(f"error: {r.path}: {r.error}", err=True)
+        click.echo(f"error: {safe(r.path)}: {safe(r.error)}", err=True)
     if as_json:
         emit_json([r.as_dict() for r in results])
     else:
@@ -235,9 +244,9 @@ def lookup_cmd(files: tuple[Path, ...], as_json: bool, quiet: bool, registry: st
             d = r.as_dict()
             h = d["hashes"] or {}
             ids = f"{d['model_id']}@{d['version_id']}" if r.found else "—"
-            table.add_row(str(r.path), str(d["model_name"] or ("not found" if not r.error else "error")),
-                          str(d["version_name"] or ""), str(d["base_model"] or ""), ids,
-                          str(d["matched_by"] or ""), str(h.get("autov3") or "—"))
+            table.add_row(*row(r.path, d["model_name"] or ("not found" if not r.error else "error"),
+                               d["version_name"] or "", d["base_model"] or "", ids,
+                               d["matched_by"] or "", h.get("autov3") or "—"))
         out_console().print(table)
     if failed:
         sys.exit(1)
@@ -280,9 +289,9 @@ def fetch_cmd(ref: str | None, version_id: int | None, dest: Path, file_type: st
         emit_json(result.as_dict())
     elif not quiet:
         verb = "already present, hash verified" if result.status == "skipped" else "downloaded, SHA256 verified"
-        click.echo(f"{result.path} ({human_size(result.size)}): {verb}", err=True)
+        click.echo(f"{safe(result.path)} ({human_size(result.size)}): {verb}", err=True)
         for side in result.sidecars:
-            click.echo(f"  + {side.name}", err=True)
+            click.echo(f"  + {safe(side.name)}", err=True)
 
 
 class _Bar:
@@ -294,6 +303,7 @@ class _Bar:
     def start(self, name: str, total: int | None, completed: int) -> None:
         if self.progress is None:
             return
+        name = markup(name)
         if self.task is not None:
             self.progress.update(self.task, description=name, total=total, completed=completed)
         else:
@@ -347,12 +357,12 @@ def config_show(as_json: bool, registry: str | None, token: str | None) -> None:
     if as_json:
         emit_json({"path": str(cfg.config_path()), "config": masked, "active": active})
         return
-    click.echo(f"config file: {cfg.config_path()}")
-    click.echo(f"registry:    {s.url} (from {s.url_source}{', name ' + s.name if s.name else ''})")
+    click.echo(f"config file: {safe(cfg.config_path())}")
+    click.echo(safe(f"registry:    {s.url} (from {s.url_source}{', name ' + s.name if s.name else ''})"))
     click.echo(f"token:       {'set (from ' + str(s.token_source) + ')' if s.token else 'not set'}")
     for name, reg in masked["registries"].items():
         mark = " (default)" if data.get("default") == name else ""
-        click.echo(f"  {name}{mark}: {reg.get('url')}  token {reg.get('token') or 'not set'}")
+        click.echo(safe(f"  {name}{mark}: {reg.get('url')}  token {reg.get('token') or 'not set'}"))
 
 
 @config_cmd.command("set")
@@ -366,7 +376,7 @@ def config_set(key: str, value: str) -> None:
         raise UsageError(key, "empty value")
     path = cfg.save_config(cfg.set_value(cfg.load_config(), key, value))
     shown = "<set>" if key.endswith(".token") else value
-    click.echo(f"{path}: {key} = {shown}")
+    click.echo(safe(f"{path}: {key} = {shown}"))
 
 
 @config_cmd.command("path")

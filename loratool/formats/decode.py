@@ -52,6 +52,7 @@ PEFT_MODEL_CLASS: dict[str, str] = {
     "UNet2DConditionModel": "unet",
     "CLIPTextModel": "text_encoder",
     "CLIPTextModelWithProjection": "text_encoder_2",
+    "CLIPTextTransformer": "text_encoder",
     "SD3Transformer2DModel": "transformer",
     "FluxTransformer2DModel": "transformer",
 }
@@ -59,8 +60,11 @@ PEFT_MODEL_CLASS: dict[str, str] = {
 PATH_COMPONENT: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^(down_blocks|up_blocks|mid_block|conv_in|conv_out|time_embedding|add_embedding)\."), "unet"),
     (re.compile(r"^text_model\."), "text_encoder"),
+    (re.compile(r"^encoder\.layers\.\d+\.(self_attn|mlp)\."), "text_encoder"),  # CLIP saved by transformers 5
     (re.compile(r"^(transformer_blocks|single_transformer_blocks|context_embedder|x_embedder)\."), "transformer"),
 ]
+# The first segment of CLIP module paths below ``text_model.`` (transformers 5 drops that level).
+CLIP_INNER = ("encoder.layers.", "embeddings.", "final_layer_norm")
 # Parameters that never decide a network type on their own.
 SIDE_PARAMS = frozenset({"alpha", "dora_scale", "scale"})
 # Storage dtypes of tensors that hold weights (factors, diffs, DoRA magnitudes).
@@ -83,7 +87,12 @@ STYLE_LABEL: dict[str, str] = {
 
 
 class _Invalid(Exception):
-    """A module whose values cannot be used; the message says why."""
+    """A module whose values cannot be used; the message says why, ``kind`` what is wrong
+    ("shape", "nonfinite" or "value", as :attr:`Adapter.invalid_kinds` keeps it)."""
+
+    def __init__(self, why: str, kind: str = "value") -> None:
+        super().__init__(why)
+        self.kind = kind
 
 
 @dataclass
@@ -115,8 +124,7 @@ def decode(source: TensorSource, family: str | None = None) -> Adapter:
     configs = _configs(source)
     modules, unclassified, invalid = _classify(groups, fmt, configs)
     if not modules and invalid:
-        name, why = next(iter(invalid.items()))
-        raise InputError(source.path, f"no usable module: {len(invalid)} invalid, e.g. {name}: {why}")
+        raise _no_usable_module(source.path, {name: str(exc) for name, exc in invalid.items()})
     if not modules:
         raise NotAnAdapterError(source.path, _no_adapter_message(source, unparsed))
     shapes = [_module_shape(g, m) for g, m in modules]
@@ -129,19 +137,42 @@ def decode(source: TensorSource, family: str | None = None) -> Adapter:
         config=source.parts[0].config if len(source.parts) == 1 else None,
         unknown_keys=sorted(unparsed + [k for g in unclassified for k in g.keys]),
         warnings=list(verdict.warnings) + _metadata_warnings(groups, configs),
-        invalid_modules=invalid,
+        invalid_modules={name: str(exc) for name, exc in invalid.items()},
+        invalid_kinds={name: exc.kind for name, exc in invalid.items()},
     )
     if unclassified:
         adapter.complete = False
         names = ", ".join(sorted({g.module for g in unclassified})[:5])
         adapter.warnings.append(f"{len(unclassified)} module(s) with an incomplete or unknown parameter set: {names}")
     _resolve(adapter, modules, chosen)
+    if not adapter.modules and adapter.invalid_modules:  # every module had a DoRA magnitude that fits no axis
+        raise _no_usable_module(source.path, adapter.invalid_modules)
     if adapter.invalid_modules:
         adapter.complete = False
         shown = "; ".join(f"{n} ({why})" for n, why in list(adapter.invalid_modules.items())[:3])
         more = ", …" if len(adapter.invalid_modules) > 3 else ""
         adapter.warnings.append(f"{len(adapter.invalid_modules)} invalid module(s) left out: {shown}{more}")
+    _note_truncation(adapter, source, [m for _, m in modules])
     return adapter
+
+
+def _no_usable_module(path: str, invalid: dict[str, str]) -> InputError:
+    name, why = next(iter(invalid.items()))
+    return InputError(path, f"no usable module: {len(invalid)} invalid, e.g. {name}: {why}")
+
+
+def _note_truncation(adapter: Adapter, source: TensorSource, modules: list[AdapterModule]) -> None:
+    """A file opened with ``allow_truncated`` and cut short: described from its header."""
+    part = source.truncated
+    if part is None:
+        return
+    adapter.complete = False
+    missing = sum(len(p.missing) for p in source.parts)
+    total = sum(len(p.tensors) for p in source.parts)
+    adapter.warnings.append(f"{part.truncated}; described from its header ({missing} of {total} tensors cut off)")
+    unknown = [m.source_name for m in modules if m.extra.get("alpha_unknown")]
+    if unknown:
+        adapter.warnings.append(f"alpha of {len(unknown)} module(s) lies beyond the end of the file: unknown (e.g. {unknown[0]})")
 
 
 def _group_keys(source: TensorSource) -> tuple[dict[tuple[str | None, str], _Group], list[str]]:
@@ -215,11 +246,28 @@ def _variant(fmt: str, groups: dict[Any, _Group], metadata: dict[str, str]) -> s
         parts.append("+".join(sorted({kohya_prefix(g.module) for g in groups.values() if "kohya" in g.styles})))
         if "lycoris" in metadata.get("ss_network_module", "") or params & {"hada_w1_a", "lokr_w1", "lokr_w1_a", "dora_scale"}:
             parts.append("lycoris")
-    elif fmt in ("diffusers", "comfyui", "peft"):
+    elif fmt == "peft":
+        parts.extend(sorted({label for g in groups.values() for label in _peft_labels(g)}))
+    elif fmt in ("diffusers", "comfyui"):
         parts.extend(sorted({STYLE_LABEL.get(s, s) for s in styles if s != "comfyui"}))
         if fmt == "diffusers" and not any(g.prefixed for g in groups.values()):
             parts.append("no-prefix")
     return ", ".join(p for p in parts if p)
+
+
+# PEFT's own parameter spellings, by style (and for LyCORIS-named types, by parameter prefix):
+# a PEFT folder is labelled in PEFT's terms, whatever the model it adapts.
+PEFT_STYLE_LABEL: dict[str, str] = {
+    "peft": "lora_A/lora_B", "peft-bias": "lora_A/lora_B", "peft-dora": "lora_A/lora_B",
+    "peft-ia3": "ia3_l", "peft-oft": "oft_R",
+}
+PEFT_PARAM_LABEL: dict[str, str] = {"hada_": "hada_w1/hada_w2", "lokr_": "lokr_w1/lokr_w2"}
+
+
+def _peft_labels(g: _Group) -> set[str]:
+    labels = {PEFT_STYLE_LABEL[s] for s in g.styles if s in PEFT_STYLE_LABEL}
+    labels |= {label for prefix, label in PEFT_PARAM_LABEL.items() if any(p.startswith(prefix) for p in g.params)}
+    return labels
 
 
 def _merged_metadata(source: TensorSource) -> dict[str, str]:
@@ -267,11 +315,11 @@ def _config_hints(configs: dict[str | None, _Config]) -> dict[str, str]:
 
 def _classify(
     groups: dict[Any, _Group], fmt: str, configs: dict[str | None, _Config]
-) -> tuple[list[tuple[_Group, AdapterModule]], list[_Group], dict[str, str]]:
+) -> tuple[list[tuple[_Group, AdapterModule]], list[_Group], dict[str, _Invalid]]:
     """(modules, groups of no known type, {module: why} for modules whose values are unusable)."""
     modules: list[tuple[_Group, AdapterModule]] = []
     unclassified: list[_Group] = []
-    invalid: dict[str, str] = {}
+    invalid: dict[str, _Invalid] = {}
     for g in groups.values():
         shapes = {k: v.shape for k, v in g.params.items()}
         kinds = set(shapes) - SIDE_PARAMS
@@ -282,17 +330,18 @@ def _classify(
         try:
             modules.append((g, _module(g, ntype, shapes, configs)))
         except _Invalid as exc:
-            invalid[g.module] = str(exc)
+            invalid[g.module] = exc
     return modules, unclassified, invalid
 
 
 def _module(g: _Group, ntype: str, shapes: dict[str, tuple[int, ...]], configs: dict[str | None, _Config]) -> AdapterModule:
     """The module of a classified group; raises :class:`_Invalid` when its values cannot be used."""
-    why = _invalid_values(g, ntype, shapes)
-    if why:
-        raise _Invalid(why)
+    problem = _invalid_values(g, ntype, shapes)
+    if problem:
+        raise problem
     rank = rank_of(ntype, shapes)
-    alpha, alpha_source = _alpha(g, configs, rank)
+    alpha_cut = "alpha" in g.params and g.params["alpha"].key in g.part.missing  # truncated file
+    alpha, alpha_source = (None, None) if alpha_cut else _alpha(g, configs, rank)
     params = {k: v for k, v in g.params.items() if k != "alpha"}
     module = AdapterModule(
         key=ModuleKey(g.component or "unknown", g.module), params=params, network_type=ntype,
@@ -304,7 +353,9 @@ def _module(g: _Group, ntype: str, shapes: dict[str, tuple[int, ...]], configs: 
         module.extra["alpha_source"] = alpha_source
     if "alpha" in g.params:
         module.extra["alpha_dtype"] = g.params["alpha"].dtype
-    if "on_input" in g.params:
+    if alpha_cut:
+        module.extra["alpha_unknown"] = True
+    if "on_input" in g.params and g.params["on_input"].key not in g.part.missing:
         module.extra["on_input"] = bool(_scalar(g, "on_input"))
     config = _config_for(g, configs)
     if config is not None and rank is None and ntype == "lokr":
@@ -316,23 +367,24 @@ def _module(g: _Group, ntype: str, shapes: dict[str, tuple[int, ...]], configs: 
     return module
 
 
-def _invalid_values(g: _Group, ntype: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+def _invalid_values(g: _Group, ntype: str, shapes: dict[str, tuple[int, ...]]) -> _Invalid | None:
     """Why a module's stored tensors cannot be used: dtypes, element counts, shapes."""
     for name, ref in g.params.items():
         if name in SCALAR_PARAMS:
             n = math.prod(ref.shape)
             if n != 1:
-                return f"{name} holds {n} values, not one"
+                return _Invalid(f"{name} holds {n} values, not one", kind="shape")
             if name == "alpha" and ref.dtype == "BOOL":
-                return "alpha is a boolean"
+                return _Invalid("alpha is a boolean")
         elif ref.dtype not in FLOAT_DTYPES:
-            return f"{name} is stored as {ref.dtype}; weights must be floating point"
+            return _Invalid(f"{name} is stored as {ref.dtype}; weights must be floating point")
     if "dora_scale" in shapes:
         if len(shapes["dora_scale"]) > 4 or 0 in shapes["dora_scale"]:
-            return f"dora_scale has shape {list(shapes['dora_scale'])}"
+            return _Invalid(f"dora_scale has shape {list(shapes['dora_scale'])}", kind="shape")
         if NETWORK_TYPES[ntype].merge is not None:
-            return f"DoRA is not defined for {ntype.upper()}"
-    return invalid_shapes(ntype, shapes)
+            return _Invalid(f"DoRA is not defined for {ntype.upper()}")
+    why = invalid_shapes(ntype, shapes)
+    return _Invalid(why, kind="shape") if why else None
 
 
 def _scalar(g: _Group, name: str) -> float:
@@ -345,7 +397,7 @@ def _scalar(g: _Group, name: str) -> float:
 def _finite(value: float, what: str) -> float:
     """``value`` if it is a finite float32; else the module is invalid."""
     if not math.isfinite(value):
-        raise _Invalid(f"{what} is {value}")
+        raise _Invalid(f"{what} is {value}", kind="nonfinite")
     if abs(value) > F32_MAX:
         raise _Invalid(f"{what} {value:g} is beyond float32 range")
     return value
@@ -384,6 +436,8 @@ def _flat(g: _Group) -> str:
         if name.startswith(prefix):
             name = name[len(prefix) :]
             break
+    if g.component in ("text_encoder", "text_encoder_2") and name.startswith(CLIP_INNER):
+        name = f"text_model.{name}"
     return name.replace(".", "_")
 
 
@@ -414,6 +468,7 @@ def _resolve(adapter: Adapter, modules: list[tuple[_Group, AdapterModule]], fami
             why = _dora_problem(m)
             if why:
                 adapter.invalid_modules[g.module] = why
+                adapter.invalid_kinds[g.module] = "shape"
                 continue
         if m.key in adapter.modules:
             adapter.warnings.append(f"{m.key} appears twice (as {adapter.modules[m.key].source_name} and {g.module}); the second was dropped")
@@ -456,10 +511,21 @@ def _lookup(catalog: Any, g: _Group, m: AdapterModule) -> Any:
     if g.component in ("text_encoder", "text_encoder_2", None):
         components += [c for c in ("text_encoder", "text_encoder_2") if c not in components]
     for component in components:
-        spec = catalog.get(component, g.module)
-        if spec is not None and _fits(spec, m):
-            return spec
+        for path in (g.module, *_clip_paths(component, g.module)):
+            spec = catalog.get(component, path)
+            if spec is not None and _fits(spec, m):
+                if path != g.module:
+                    m.extra["clip_without_text_model"] = True
+                return spec
     return None
+
+
+def _clip_paths(component: str | None, module: str) -> tuple[str, ...]:
+    """A CLIP module path as transformers ≥ 5 names it (no ``text_model.``, FORMATS §9),
+    spelled the catalog's way."""
+    if component in ("text_encoder", "text_encoder_2") and module.startswith(CLIP_INNER):
+        return (f"text_model.{module}",)
+    return ()
 
 
 def _fits(spec: Any, m: AdapterModule) -> bool:
@@ -473,9 +539,38 @@ def _fits(spec: Any, m: AdapterModule) -> bool:
     return True
 
 
+# Text-encoder embedding width -> the family a textual-inversion vector belongs to.
+EMBEDDING_WIDTH: dict[int, str] = {768: "SD1", 1024: "SD2", 1280: "SDXL refiner"}
+
+
+def _embedding(tensors: dict[str, tuple[int, ...]]) -> str | None:
+    """What a textual-inversion embedding is (vectors, width, family), from its keys:
+    A1111 ``emb_params`` (safetensors) or ``string_to_param.*`` (.pt), SDXL ``clip_l`` +
+    ``clip_g``, diffusers' ``learned_embeds`` (one ``<token>`` key)."""
+    if {"clip_l", "clip_g"} <= set(tensors) and len(tensors) == 2:
+        return f"{_vectors(tensors['clip_l'])}, width 768 + 1280: SDXL"
+    keys = [k for k in tensors if k == "emb_params" or k.startswith("string_to_param.")]
+    if not keys and len(tensors) == 1 and re.fullmatch(r"<[^<>]+>", next(iter(tensors))):
+        keys = list(tensors)
+    if not keys or len(keys) != len(tensors):
+        return None
+    shape = tensors[keys[0]]
+    width = shape[-1] if shape else 0
+    family = EMBEDDING_WIDTH.get(width)
+    return f"{_vectors(shape)}, width {width}" + (f": {family}" if family else "")
+
+
+def _vectors(shape: tuple[int, ...]) -> str:
+    n = shape[0] if len(shape) == 2 else 1
+    return f"{n} vector{'s' if n != 1 else ''}"
+
+
 def _no_adapter_message(source: TensorSource, unparsed: list[str]) -> str:
     total = sum(len(p.tensors) for p in source.parts)
     if total == 0:
         return "holds no tensors"
+    embedding = _embedding({k: e.shape for p in source.parts for k, e in p.tensors.items()})
+    if embedding is not None:
+        return f"a textual-inversion embedding ({embedding}), not a LoRA"
     example = unparsed[0] if unparsed else next(iter(source.parts[0].tensors))
     return f"no LoRA tensors among {total} tensors (e.g. {example!r}); is this a checkpoint rather than an adapter?"

@@ -46,20 +46,22 @@ _TE_LAYER = re.compile(r"text_model_encoder_layers_(\d+)_")
 # Attention channel widths at the first attention level that only the refiner has.
 REFINER_WIDTHS = frozenset({384, 768, 1536})
 
-# Metadata value patterns -> family.
+# Metadata value patterns -> family, first match per field wins. Beside kohya's own
+# spellings (sd_v1, sd_v1_v, sd_v2, sd_v2_v, sdxl_base_v1-0, flux1, chroma: FORMATS §11),
+# the ones found in the wild: sd_1.5, SD 1.5, sd15, SD 2.1, SDXL 1.0, Pony, Flux.1 D…
 METADATA_RULES: list[tuple[str, re.Pattern[str], str]] = [
-    ("ss_base_model_version", re.compile(r"^sdxl_refiner"), "sdxl-refiner"),
-    ("ss_base_model_version", re.compile(r"^sdxl"), "sdxl"),
-    ("ss_base_model_version", re.compile(r"^sd_v2"), "sd2"),
-    ("ss_base_model_version", re.compile(r"^sd_v1"), "sd1"),
-    ("ss_base_model_version", re.compile(r"^(flux|chroma)"), "flux"),
-    ("ss_base_model_version", re.compile(r"^sd3"), "sd3"),
-    ("modelspec.architecture", re.compile(r"^stable-diffusion-xl-v1-refiner"), "sdxl-refiner"),
-    ("modelspec.architecture", re.compile(r"^stable-diffusion-xl"), "sdxl"),
-    ("modelspec.architecture", re.compile(r"^stable-diffusion-v2"), "sd2"),
-    ("modelspec.architecture", re.compile(r"^stable-diffusion-v1"), "sd1"),
-    ("modelspec.architecture", re.compile(r"^stable-diffusion-3"), "sd3"),
-    ("modelspec.architecture", re.compile(r"^(flux|chroma)"), "flux"),
+    ("ss_base_model_version", re.compile(r"(?i)^sd[ _-]?xl[ _-]?refiner"), "sdxl-refiner"),
+    ("ss_base_model_version", re.compile(r"(?i)^(sd[ _-]?xl|pony|illustrious|noobai)"), "sdxl"),
+    ("ss_base_model_version", re.compile(r"(?i)^(sd|stable[ _-]?diffusion)[ _-]?v?3"), "sd3"),
+    ("ss_base_model_version", re.compile(r"(?i)^(sd|stable[ _-]?diffusion)[ _-]?v?2"), "sd2"),
+    ("ss_base_model_version", re.compile(r"(?i)^(sd|stable[ _-]?diffusion)[ _-]?v?1"), "sd1"),
+    ("ss_base_model_version", re.compile(r"(?i)^(flux|chroma)"), "flux"),
+    ("modelspec.architecture", re.compile(r"(?i)^stable-diffusion-xl-v1-refiner"), "sdxl-refiner"),
+    ("modelspec.architecture", re.compile(r"(?i)^stable-diffusion-xl"), "sdxl"),
+    ("modelspec.architecture", re.compile(r"(?i)^stable-diffusion-v2"), "sd2"),
+    ("modelspec.architecture", re.compile(r"(?i)^stable-diffusion-v1"), "sd1"),
+    ("modelspec.architecture", re.compile(r"(?i)^stable-diffusion-3"), "sd3"),
+    ("modelspec.architecture", re.compile(r"(?i)^(flux|chroma)"), "flux"),
     ("ss_v2", re.compile(r"^True$"), "sd2"),
     ("base_model_name_or_path", re.compile(r"(?i)xl.?refiner"), "sdxl-refiner"),
     ("base_model_name_or_path", re.compile(r"(?i)(sdxl|stable-diffusion-xl)"), "sdxl"),
@@ -129,10 +131,17 @@ def _unet_topology(mods: list[ModuleShape]) -> Iterable[tuple[frozenset[str], st
         yield frozenset({"sdxl-refiner"}), f"attention widths {sorted(widths)} (384/768/1536 levels)"
 
 
+_UNET_PROJ = re.compile(r"(attentions_\d+|blocks_\d+_\d+|middle_block_\d+)_proj_(in|out)$")
+
+
 def _proj_layout(mods: list[ModuleShape]) -> Iterable[tuple[frozenset[str], str]]:
-    """proj_in/proj_out are 1×1 convs only in SD1. Kohya files are excluded by the caller
-    (kohya trains SD2 with conv projections too, FORMATS §2.1)."""
-    layouts = {m.conv_layout for m in mods if m.flat.endswith(("proj_in", "proj_out")) and m.conv_layout is not None}
+    """A UNet attention's proj_in/proj_out are 1×1 convs only in SD1 (a DiT's proj_out,
+    Flux's single blocks, tells nothing). Kohya files are excluded by the caller (kohya
+    trains SD2 with conv projections too, FORMATS §2.1)."""
+    layouts = {
+        m.conv_layout for m in mods
+        if m.component == "unet" and _UNET_PROJ.search(m.flat) and m.conv_layout is not None
+    }
     if layouts == {True}:
         yield frozenset({"sd1"}), "proj_in/proj_out are 1x1 convs"
     elif layouts == {False}:
@@ -158,6 +167,17 @@ def metadata_families(metadata: dict[str, str]) -> list[tuple[str, str]]:
         seen.add(field)
         found.append((family, f"{field} = {value!r}"))
     return found
+
+
+def metadata_contradictions(metadata: dict[str, str], family: str) -> dict[str, str]:
+    """Fields whose value names another family than ``family``: field -> the family it names."""
+    out: dict[str, str] = {}
+    for field, pattern, named in METADATA_RULES:
+        value = metadata.get(field)
+        if field in out or not value or not pattern.search(value):
+            continue
+        out[field] = named
+    return {f: named for f, named in out.items() if named != family}
 
 
 def detect_family(mods: list[ModuleShape], metadata: dict[str, str]) -> FamilyVerdict:

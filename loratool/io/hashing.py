@@ -148,3 +148,26 @@ def _posix_sequential(fd: int) -> None:
     if advise is not None:
         with contextlib.suppress(OSError):
             advise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
+def data_sha256(path: str | os.PathLike[str], data_start: int) -> str:
+    """SHA-256 (lowercase hex) of a safetensors file from ``data_start`` to its end: kohya's
+    ``sshs_model_hash``, the modelspec reference's ``hash_sha256`` (without "0x") and,
+    for headers under 16 MiB, the full AutoV3."""
+    digest = hashlib.sha256()
+    with open_input(path) as fh:
+        try:
+            fh.seek(data_start)
+            _posix_sequential(fh.fileno())
+            buf = bytearray(CHUNK)
+            while n := fh.readinto(buf):
+                digest.update(memoryview(buf)[:n])
+        except OSError as exc:
+            raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def legacy_hash(window: bytes) -> str:
+    """kohya's ``sshs_legacy_hash`` / A1111's old model hash of the bytes a file holds at
+    [1 MiB, 1 MiB + 64 KiB) (fewer, or none, near the end): first 8 hex digits."""
+    return hashlib.sha256(window[:AUTOV1_LENGTH]).hexdigest()[:8]

@@ -10,8 +10,10 @@ PEFT output (``unet/``, ``text_encoder/``… subfolders) are recognised.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import InputError, NotAnAdapterError, UnsafeInputError
-from loratool.io.safetensors import SafetensorsFile
+from loratool.io.safetensors import SafetensorsFile, truncation_message
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +56,8 @@ class Part:
     scalar: Callable[[str], float] = field(repr=False)
     close: Callable[[], None] = field(repr=False, default=lambda: None)
     raw: Callable[[str], bytes] | None = field(repr=False, default=None)  # bytes as stored
+    truncated: str | None = None  # opened with allow_truncated and cut short: what is missing
+    missing: frozenset[str] = frozenset()  # tensors whose bytes lie beyond the end of the file
 
 
 @dataclass
@@ -68,16 +72,65 @@ class TensorSource:
         for part in self.parts:
             part.close()
 
+    @property
+    def truncated(self) -> Part | None:
+        """The first part cut short (only when opened with ``allow_truncated``)."""
+        return next((p for p in self.parts if p.truncated), None)
 
-def open_source(path: str | os.PathLike[str]) -> TensorSource:
-    """Open ``path`` (file or folder) for reading; raises :class:`InputError` with a reason."""
+
+def open_source(path: str | os.PathLike[str], *, allow_truncated: bool = False) -> TensorSource:
+    """Open ``path`` (file or folder) for reading; raises :class:`InputError` with a reason.
+
+    ``allow_truncated`` opens a safetensors file whose data was cut short after an intact
+    header, for describing it from the header (inspect); its ``Part.truncated`` says so,
+    and reading a tensor whose bytes are missing still raises."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(p, "no such file or directory")
-    if p.is_dir():
-        return _open_dir(p)
-    part = _open_file(p, config=None, component=None)
+    if check_entry(p):
+        return _open_dir(p, allow_truncated)
+    part = _open_file(p, config=None, component=None, allow_truncated=allow_truncated)
     return TensorSource(str(p), "pickle" if part.raw is None else "safetensors", [part])
+
+
+def open_weights_file(path: str | os.PathLike[str]) -> Part:
+    """One weights file (safetensors: header only; pickle: ``weights_only`` load) as a Part."""
+    return _open_file(Path(path), config=None, component=None)
+
+
+SPECIAL_FILES = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket",
+                 stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def check_entry(p: Path) -> bool:
+    """True for a folder, False for a regular file; anything else (missing, a broken
+    link, a symlink loop, a FIFO or device that would block or never end) is an
+    :class:`InputError`. Only ``stat`` is used: nothing is opened."""
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        raise InputError(p, stat_failure(p, exc)) from None
+    if stat.S_ISDIR(st.st_mode):
+        return True
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(p, not_regular(st))
+    return False
+
+
+def not_regular(st: os.stat_result) -> str:
+    """Why a file that is neither a folder nor a regular file cannot be read."""
+    return f"is {SPECIAL_FILES.get(stat.S_IFMT(st.st_mode), 'a special file')}, not a regular file"
+
+
+def stat_failure(p: Path | str, exc: OSError) -> str:
+    """Why ``os.stat(p)`` failed, in words (symlink loop, broken symlink, missing…)."""
+    if exc.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    if exc.errno == errno.ENOENT and os.path.islink(p):
+        return f"broken symlink (to {os.readlink(p)})"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return "no such file or directory"
+    if exc.errno == errno.EACCES:
+        return "permission denied"
+    return f"cannot read: {exc.strerror or exc}"
 
 
 def is_adapter_dir(p: Path) -> bool:
@@ -88,17 +141,17 @@ def is_adapter_dir(p: Path) -> bool:
     )
 
 
-def _open_dir(p: Path) -> TensorSource:
+def _open_dir(p: Path, allow_truncated: bool = False) -> TensorSource:
     config_path = p / PEFT_CONFIG
     weights = _first_existing(p, PEFT_WEIGHTS)
     if weights is not None:
         config = _read_config(config_path) if config_path.exists() else None
         if config is None:
             raise InputError(p, f"{weights.name} has no {PEFT_CONFIG} beside it")
-        return TensorSource(str(p), "peft-dir", [_open_file(weights, config, None)])
+        return TensorSource(str(p), "peft-dir", [_open_file(weights, config, None, allow_truncated=allow_truncated)])
     diffusers = _first_existing(p, DIFFUSERS_WEIGHTS)
     if diffusers is not None:
-        return TensorSource(str(p), "diffusers-dir", [_open_file(diffusers, None, None)])
+        return TensorSource(str(p), "diffusers-dir", [_open_file(diffusers, None, None, allow_truncated=allow_truncated)])
     parts = []
     for name in COMPONENT_DIRS:
         sub = p / name
@@ -107,7 +160,7 @@ def _open_dir(p: Path) -> TensorSource:
             continue
         if not (sub / PEFT_CONFIG).exists():
             raise InputError(sub, f"{sub_weights.name} has no {PEFT_CONFIG} beside it")
-        parts.append(_open_file(sub_weights, _read_config(sub / PEFT_CONFIG), name))
+        parts.append(_open_file(sub_weights, _read_config(sub / PEFT_CONFIG), name, allow_truncated=allow_truncated))
     if parts:
         return TensorSource(str(p), "peft-components", parts)
     raise NotAnAdapterError(
@@ -122,9 +175,11 @@ def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    if check_entry(path):
+        raise InputError(path, "is a directory")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON
         raise InputError(path, f"cannot read adapter config: {exc.__class__.__name__}") from None
     if not isinstance(config, dict):
         raise InputError(path, "adapter config is not a JSON object")
@@ -148,17 +203,20 @@ def _is_pickle_path(p: Path) -> bool:
     return _is_zip(p)
 
 
-def _open_file(p: Path, config: dict[str, Any] | None, component: str | None) -> Part:
+def _open_file(p: Path, config: dict[str, Any] | None, component: str | None, *, allow_truncated: bool = False) -> Part:
     if _is_pickle_path(p):
         return _open_pickle(p, config, component)
     try:
-        st = SafetensorsFile(p)
+        st = SafetensorsFile(p, allow_truncated=allow_truncated)
     except InputError:
         if p.suffix.lower() != ".safetensors" and _starts_with(p, PICKLE_MAGIC):
             return _open_pickle(p, config, component)
         raise
     tensors = {k: TensorEntry(v.dtype, v.shape, v.start) for k, v in st.tensors.items()}
-    return Part(str(p), tensors, st.metadata, config, component, st.get, st.scalar, st.close, st.read_bytes)
+    part = Part(str(p), tensors, st.metadata, config, component, st.get, st.scalar, st.close, st.read_bytes)
+    if not st.header.complete:
+        part.truncated, part.missing = truncation_message(st.header), st.missing()
+    return part
 
 
 def _open_pickle(p: Path, config: dict[str, Any] | None, component: str | None) -> Part:
@@ -179,23 +237,43 @@ def _open_pickle(p: Path, config: dict[str, Any] | None, component: str | None) 
         raise UnsafeInputError(
             p, f"refused to unpickle: the file needs more than plain tensors ({_refusal(exc)})"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise InputError(p, f"not a readable torch file: {str(exc).splitlines()[0][:160]}") from None
+    except Exception as exc:  # weights_only unpickling of a damaged file can fail in any way
+        raise InputError(p, f"not a readable torch file ({_first_line(exc)}); truncated or damaged?") from None
+    if isinstance(obj, dict) and isinstance(obj.get("string_to_param"), dict):
+        # an A1111 textual-inversion .pt: keep its vectors, so that decoding can name it
+        obj = {f"string_to_param.{k}": v for k, v in obj["string_to_param"].items()}
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise InputError(p, "torch file does not hold a flat dict of tensors")
     names = {v: k for k, v in TORCH_DTYPES.items()}
-    tensors = {
-        k: TensorEntry(names.get(str(v.dtype).removeprefix("torch."), "F32"), tuple(v.shape))
-        for k, v in state.items()
-    }
+    tensors = {}
+    for k, v in state.items():
+        tensors[k] = TensorEntry(_pickled_dtype(p, k, v, names, torch.strided), tuple(v.shape))
     return Part(
         str(p), tensors, {}, config, component,
         get=state.__getitem__,
         scalar=lambda k: float(state[k].flatten()[0].float().item()),
     )
+
+
+def _pickled_dtype(p: Path, key: str, t: torch.Tensor, names: dict[str, str], dense: Any) -> str:
+    """The safetensors dtype of a pickled tensor; refuse what a safetensors file cannot hold."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(p, f"tensor key {key!r} is not valid Unicode") from None
+    dtype = names.get(str(t.dtype).removeprefix("torch."))
+    if dtype is None or t.layout != dense or t.is_quantized or t.device.type != "cpu":
+        raise InputError(p, f"tensor {key!r} is a {t.dtype} {t.layout} tensor; only dense tensors of safetensors dtypes are supported")
+    return dtype
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0][:160] if text else ""
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def _refusal(exc: Exception) -> str:

@@ -8,9 +8,11 @@ in the destination folder and is renamed over the final name only when complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -19,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from loratool.errors import InputError
-from loratool.io.safetensors import DTYPE_SIZES, TORCH_DTYPES
+from loratool.errors import InputError, OutputError
+from loratool.io.safetensors import DTYPE_BITS, TORCH_DTYPES, tensor_memory
 
 if TYPE_CHECKING:
     import torch
 
 HASH_PLACEHOLDER = "0" * 64
+MAX_RUN = 256 * 1024 * 1024  # a copied run stops growing here (progress, early flush)
 
 
 @dataclass
@@ -40,10 +43,10 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_SIZES[self.dtype]
+        n = DTYPE_BITS[self.dtype]  # sub-byte dtypes (F4, F6) fill whole bytes, or the header is refused
         for d in self.shape:
             n *= d
-        return n
+        return n // 8
 
 
 def st_dtype(t: torch.Tensor) -> str:
@@ -67,29 +70,56 @@ def atomic_path(final: Path, *, directory: bool = False, mode: int | None = None
     """A temp file (or folder) beside ``final``, moved over it only if the block succeeds.
 
     The result gets the mode a plain ``open()`` would give, or ``mode`` when given (set
-    before the rename, so a private file is never visible with wider permissions)."""
+    before the rename, so a private file is never visible with wider permissions). An
+    existing ``final`` (file, folder or symlink) is replaced as an entry: a symlink is
+    replaced by the output, never written through. An OS error while creating, writing
+    or renaming is an :class:`OutputError` naming ``final``; the temp is always removed."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    else:
-        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        if mode is None:
-            _default_mode(tmp)
-        else:
-            os.chmod(tmp, mode)
-        sync_tree(tmp)
+    with _writing(final):
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file where a folder should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(final.parent)) from None
+        prefix = f".{final.name[:200]}."
         if directory:
-            _replace_dir(tmp, final)
+            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix, suffix=".tmp"))
         else:
-            os.replace(tmp, final)
+            fd, name = tempfile.mkstemp(dir=final.parent, prefix=prefix, suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
+    try:
+        with _writing(final):
+            yield tmp
+            if mode is None:
+                _default_mode(tmp)
+            else:
+                os.chmod(tmp, mode)
+            sync_tree(tmp)
+            if directory:
+                _replace_dir(tmp, final)
+            else:
+                os.replace(tmp, final)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        with contextlib.suppress(OSError):  # never hide the error that got us here
+            _remove(tmp)
+
+
+@contextlib.contextmanager
+def _writing(final: Path) -> Iterator[None]:
+    """Turn an OS error into one line about the output."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(final, f"cannot write: {exc.strerror or exc}") from exc
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder if present (a link itself, never its target)."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
 
 
 def _umask() -> int:
@@ -145,17 +175,19 @@ def start_sync(path: Path) -> threading.Thread:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    if not final.exists():
+    """Move the folder ``tmp`` to ``final``, replacing whatever entry is there (a folder,
+    a file or a symlink; a rename cannot put a folder over a non-empty folder or a file)."""
+    if not os.path.lexists(final):
         os.replace(tmp, final)
         return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = final.with_name(f".{final.name[:200]}.{secrets.token_hex(6)}.old")
     os.replace(final, old)
     try:
         os.replace(tmp, final)
     except OSError:
         os.replace(old, final)
         raise
-    shutil.rmtree(old)
+    _remove(old)
 
 
 def write_safetensors(
@@ -164,11 +196,13 @@ def write_safetensors(
     metadata: dict[str, str] | None = None,
     *,
     hash_key: str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> str:
     """Stream ``tensors`` into a new safetensors file at ``path`` (wrap in :func:`atomic_path`).
 
     With ``hash_key``, that metadata field receives the SHA-256 of the data area (kohya's
     ``sshs_model_hash`` = Civitai AutoV3), computed while writing. Returns that digest.
+    ``progress(n)`` is told the byte count of each tensor (or copied run) once written.
     """
     meta = dict(metadata or {})
     hash_at = 0
@@ -194,6 +228,8 @@ def write_safetensors(
                     _copy_range(sources, run, fh.fileno(), pos)
                     pos += run[2]
                     fh.seek(pos)
+                    if progress is not None:
+                        progress(run[2])
                     continue
                 data = _bytes_of(run)
                 if digest is not None:
@@ -201,6 +237,8 @@ def write_safetensors(
                 fh.write(data)
                 pos += run.nbytes
                 del data
+                if progress is not None:
+                    progress(run.nbytes)
             _finish(fh, hash_at, digest)
     finally:
         for fd in sources.values():
@@ -257,7 +295,7 @@ def _runs(tensors: list[OutTensor], copyable: bool) -> Iterator[OutTensor | tupl
             yield t
             continue
         path, offset = t.copy_from
-        if pending and pending[0] == path and pending[1] + pending[2] == offset:
+        if pending and pending[0] == path and pending[1] + pending[2] == offset and pending[2] < MAX_RUN:
             pending[2] += t.nbytes
         else:
             if pending:
@@ -315,10 +353,7 @@ def _bytes_of(t: OutTensor) -> memoryview | bytes:
         raise InputError(
             None, f"internal: {t.key} produced {st_dtype(tensor)}{tuple(tensor.shape)}, expected {t.dtype}{t.shape}"
         )
-    import torch
-
-    flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return tensor_memory(tensor.detach().cpu().contiguous()).toreadonly()
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "NETWORK_TYPES",
     "NetworkType",
     "ShapeError",
+    "add_delta",
     "apply_dora",
     "classify",
     "delta_bias",
@@ -164,11 +165,31 @@ def delta_weight(
     if base_weight is None and target_shape is not None and depends_on_base(network_type, set(tensors)):
         import torch
 
-        return torch.zeros(target_shape, dtype=torch.float32)  # bias-only: no weight change
+        device = next((t.device for t in tensors.values()), None)
+        return torch.zeros(target_shape, dtype=torch.float32, device=device)  # bias-only: no weight change
     if scale is None:
         scale = scale_of(network_type, _shapes(tensors), alpha)
     dw = t.delta(tensors, scale, base=base_weight, alpha=as_alpha(alpha))
     return reshape_to(dw, target_shape)
+
+
+def add_delta(
+    target: torch.Tensor,
+    network_type: str,
+    tensors: Mapping[str, torch.Tensor],
+    alpha: float | None,
+    *,
+    base_weight: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> None:
+    """``target += ΔW`` in place (fp32 target; scale applied; reshaped as
+    :func:`delta_weight` does). LoRA adds through one fused GEMM without forming ΔW."""
+    t = _type(network_type)
+    if scale is None:
+        scale = scale_of(network_type, _shapes(tensors), alpha)
+    if t.add_into is not None and t.add_into(target, tensors, scale):
+        return
+    target += delta_weight(network_type, tensors, alpha, tuple(target.shape), base_weight=base_weight, scale=scale)
 
 
 def delta_bias(

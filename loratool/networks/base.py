@@ -49,7 +49,9 @@ class NetworkType:
     ``delta(tensors, scale, base)`` returns ΔW already multiplied by ``scale`` (``base``
     is W0 for types whose change depends on it, else ignored). ``merge(base, tensors,
     scale, multiplier)``, when set, computes the merged weight itself (types whose
-    multiplier is not linear in ΔW: IA3, OFT, BOFT).
+    multiplier is not linear in ΔW: IA3, OFT, BOFT). ``add_into(target, tensors, scale)``,
+    when set, adds the scaled ΔW to ``target`` in place without forming ΔW (False: it
+    cannot for this target, use ``delta``).
 
     ``delta_shape(shapes, base)`` is the shape ``delta`` returns for these parameter
     shapes, or raises :class:`ShapeError` saying which shapes do not fit together (or
@@ -67,6 +69,7 @@ class NetworkType:
     merge: Callable[..., torch.Tensor] | None = None
     bias_delta: Callable[[Tensors, float], torch.Tensor | None] | None = None
     needs_base: bool = False
+    add_into: Callable[[torch.Tensor, Tensors, float], bool] | None = None
     accepts: Callable[[Shapes], bool] = lambda shapes: True
     alternatives: tuple[frozenset[str], ...] = field(default=())
     delta_shape: Callable[[Shapes, tuple[int, ...] | None], tuple[int, ...] | None] = lambda shapes, base: base

@@ -31,11 +31,11 @@ def merge(base: Tensor, tensors: Tensors, alpha: float | None = None, multiplier
     blocks = f32(tensors["oft_blocks"])
     stages, n, b, _ = blocks.shape
     r = cayley(blocks, constraint_of(alpha, w0.shape[0]))
-    eye = torch.eye(b, dtype=r.dtype)
+    eye = torch.eye(b, dtype=r.dtype, device=r.device)
     w = w0
     for i in range(stages):
         r_i = multiplier * r[i] + (1.0 - multiplier) * eye
-        perm = butterfly_perm(w0.shape[0], (2**i) * (b // 2))
+        perm = butterfly_perm(w0.shape[0], (2**i) * (b // 2)).to(w0.device)
         x = w[perm].reshape(n, b, *w0.shape[1:])
         x = torch.einsum("k i j, k j ... -> k i ...", r_i, x).reshape(w0.shape)
         w = torch.empty_like(x)

@@ -17,7 +17,7 @@ def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: flo
         return f32(tensors["diff"]) * scale
     if base is None:
         raise ValueError("bias-only full diff: pass base_weight for a zero ΔW")
-    return torch.zeros(base.shape, dtype=torch.float32)
+    return torch.zeros(base.shape, dtype=torch.float32, device=base.device)
 
 
 def delta_shape(shapes: Shapes, base: tuple[int, ...] | None = None) -> tuple[int, ...] | None:

@@ -42,8 +42,38 @@ def delta(tensors: Tensors, scale: float, base: Tensor | None = None, alpha: flo
         mid = f32(mid)
         dw = torch.einsum("m n ..., i m, n j -> i j ...", mid, mat(up), mat(down))
         return dw * scale
-    dw = mat(up) @ mat(down)
-    return dw.reshape(out_dim, in_dim, *down.shape[2:]) * scale
+    dw = (mat(up) * scale) @ mat(down)  # scale the small factor: no pass over ΔW
+    return dw.reshape(out_dim, in_dim, *down.shape[2:])
+
+
+def add_into(target: Tensor, tensors: Tensors, scale: float) -> bool:
+    """target += scale·(up @ down) in one fused GEMM (no ΔW temporary); False when the
+    target is not a contiguous weight of ΔW's element count, or the LoRA has a Tucker core."""
+    if "lora_mid" in tensors or not target.is_contiguous():
+        return False
+    up, down = mat(f32(tensors["lora_up"])), mat(f32(tensors["lora_down"]))
+    if target.shape[0] != up.shape[0] or target.numel() != up.shape[0] * down.shape[1]:
+        return False
+    if up.device != target.device:
+        up, down = up.to(target.device), down.to(target.device)
+    target.view(up.shape[0], -1).addmm_(up, down, alpha=scale)
+    return True
+
+
+def factors(tensors: Tensors) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """ΔW/scale as a matrix product: ``(up [out, r], down [r, in·kh·kw], kernel)``, fp32.
+
+    ``kernel`` is the down factor's spatial dims (``()`` for a linear layer, ``(1, 1)``
+    for a 4-D 1×1 conv). A Tucker core is folded into down, exactly and at the same rank:
+    ``down'[m, j, k, l] = Σₙ mid[m, n, k, l]·down[n, j]``, so a Tucker LoCon becomes a
+    plain one (``mat(up) @ mat(down')`` is :func:`delta` flattened)."""
+    import torch
+
+    up, down = mat(f32(tensors["lora_up"])), f32(tensors["lora_down"])
+    mid = tensors.get("lora_mid")
+    if mid is not None:
+        down = torch.einsum("m n ..., n j -> m j ...", f32(mid), mat(down))
+    return up, mat(down), tuple(down.shape[2:])
 
 
 def delta_shape(shapes: Shapes, base: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -79,6 +109,7 @@ LORA = NetworkType(
     delta=delta,
     bias_delta=bias_delta,
     delta_shape=delta_shape,
+    add_into=add_into,
     accepts=lambda shapes: not is_conv_kernel(shapes),
     doc="LoRA: ΔW = up @ down",
 )

@@ -27,7 +27,7 @@ def cayley(blocks: Tensor, constraint: float | None) -> Tensor:
         q_norm = torch.linalg.vector_norm(q) + 1e-8
         if q_norm > constraint:
             q = q * (constraint / q_norm)
-    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype)
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
     return (eye + q) @ torch.linalg.inv(eye - q)
 
 
@@ -44,7 +44,7 @@ def merge(base: Tensor, tensors: Tensors, alpha: float | None = None, multiplier
     blocks = f32(tensors["oft_blocks"])
     n, b, _ = blocks.shape
     r = cayley(blocks, constraint_of(alpha, w0.shape[0]))
-    eye = torch.eye(b, dtype=r.dtype)
+    eye = torch.eye(b, dtype=r.dtype, device=r.device)
     r = multiplier * r + (1.0 - multiplier) * eye
     w = torch.einsum("k n m, k n ... -> k m ...", r, w0.reshape(n, b, *w0.shape[1:]))
     w = w.reshape(w0.shape)

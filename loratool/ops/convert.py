@@ -18,21 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratool import arch
-from loratool.errors import ConversionError, UsageError
+from loratool.errors import ConversionError
 from loratool.formats.decode import decode
-from loratool.formats.encode import (
-    DTYPES,
-    ENCODERS,
-    TARGETS,
-    EncodeOptions,
-    folds_alpha,
-    peft_adapter_conflicts,
-    unsupported_reason,
-    writes_directory,
-)
+from loratool.formats.encode import DTYPES, EncodeOptions, OutputFile, folds_alpha
+from loratool.formats.family import metadata_contradictions
 from loratool.io.sources import open_source
-from loratool.io.writer import atomic_path, start_sync, write_json, write_safetensors
 from loratool.model import Adapter, AdapterModule
+from loratool.ops.output import (
+    by_reason,
+    check_family,
+    check_options,
+    check_output,
+    encode_plan,
+    writable,
+    write_plan,
+)
 from loratool.ops.verify import compare_adapters
 
 CONVERTIBLE_FAMILIES = arch.FAMILIES
@@ -53,6 +53,9 @@ class ConvertResult:
     identical_modules: int = 0
     folded_modules: int = 0  # diffusers: modules whose alpha/rank went into the factors
     bounded_modules: int = 0  # modules whose difference is a rigorous bound from their factors
+    # Source metadata that named another base model than the one written, and what the
+    # output holds instead: field -> "'old' (says F) replaced by 'new'" / "… dropped".
+    metadata_changes: dict[str, str] = field(default_factory=dict)
 
 
 def convert(
@@ -71,22 +74,17 @@ def convert(
 
     ``keep_factors`` (diffusers): write the factors bit-identical with alpha only in
     ``lora_adapter_metadata``, instead of folding alpha/rank into them."""
-    if target not in TARGETS:
-        raise UsageError(None, f"unknown target format {target!r}; choose from {', '.join(TARGETS)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise UsageError(None, f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    out = Path(output)
-    _check_output(Path(src), out, force)
-    if out.is_dir() and not writes_directory(target):
-        raise UsageError(out, f"is a folder; {target} output is one file (give a file name)")
+    check_options(target, dtype)
+    out = check_output([src], output, target, force)
     source = open_source(src)
     try:
         adapter = decode(source, family=family)
-        _check_family(adapter)
+        check_family(adapter, source, "convert")
         modules, skipped = _select(adapter, target, skip_unsupported)
         opts = EncodeOptions(dtype=DTYPES.get(dtype or ""), keep_factors=keep_factors)
+        contradicted = _drop_contradicting_metadata(adapter)
         try:
-            return _write(adapter, modules, skipped, target, out, opts, verify, src)
+            return _write(adapter, modules, skipped, target, out, opts, verify, src, contradicted)
         except _NonFiniteSource as exc:
             refused = {name: "invalid: NaN/Inf in its tensors or ΔW" for name in exc.names}
             if not skip_unsupported:
@@ -99,7 +97,7 @@ def convert(
             modules = [m for m in modules if (m.source_name or str(m.key)) not in refused]
             if not modules:
                 raise ConversionError(adapter.path, f"nothing left to write as {target}") from None
-            return _write(adapter, modules, {**skipped, **refused}, target, out, opts, verify, src)
+            return _write(adapter, modules, {**skipped, **refused}, target, out, opts, verify, src, contradicted)
     finally:
         source.close()
 
@@ -114,97 +112,61 @@ class _NonFiniteSource(Exception):
 
 def _write(
     adapter: Adapter, modules: list[AdapterModule], skipped: dict[str, str], target: str, out: Path,
-    opts: EncodeOptions, verify: bool, src: str | os.PathLike[str],
+    opts: EncodeOptions, verify: bool, src: str | os.PathLike[str], contradicted: dict[str, tuple[str, str]],
 ) -> ConvertResult:
-    """Encode, stream to a temp file/folder, verify, rename into place."""
-    catalog = arch.get_catalog(adapter.family)
-    plan = ENCODERS[target](adapter, modules, catalog, opts)
+    """Encode, stream to a temp file/folder, verify, rename into place (:mod:`loratool.ops.output`)."""
+    plan = encode_plan(adapter, modules, target, opts)
     result = ConvertResult(str(src), str(out), target, adapter.family, len(modules), [], skipped)
     result.folded_modules = sum(folds_alpha(target, m, opts) for m in modules)
-    with atomic_path(out, directory=writes_directory(target)) as tmp:
-        for f in plan:
-            dest = tmp / f.relpath if f.relpath else tmp
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            write_safetensors(dest, f.tensors, f.metadata, hash_key=f.hash_key)
-            if f.config is not None:
-                write_json(dest.parent / "adapter_config.json", f.config)
-            result.files.append(str(out / f.relpath) if f.relpath else str(out))
-        syncing = start_sync(tmp)  # flush to disk while the output is re-read
-        try:
-            if verify:
-                _verify(adapter, modules, tmp, result)
-        finally:
-            syncing.join()
+    result.metadata_changes = _describe_changes(contradicted, plan)
+    check = (lambda tmp: _verify(adapter, modules, tmp, result)) if verify else None
+    result.files = write_plan(plan, target, out, verify=check)
     return result
 
 
-def _check_output(src: Path, out: Path, force: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if src.exists() and (out.resolve() == src.resolve() or _inside(src.resolve(), out.resolve()) or _inside(out.resolve(), src.resolve())):
-            raise UsageError(out, "refusing to write onto the input")
-        if not force:
-            raise UsageError(out, "already exists (use --force to replace it)")
-    elif src.exists() and _inside(out.resolve(), src.resolve()) and src.is_dir():
-        raise UsageError(out, "refusing to write inside the input folder")
+# The PEFT config field naming a base model (checked like the metadata fields).
+BASE_MODEL_CONFIG_FIELD = "base_model_name_or_path"
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    return child != parent and parent in child.parents
+def _drop_contradicting_metadata(adapter: Adapter) -> dict[str, tuple[str, str]]:
+    """Remove from the adapter (before encoding) every field naming another family than
+    the one written: field -> (old value, the family it named). Encoders then write the
+    written family's own values where their format has one."""
+    dropped: dict[str, tuple[str, str]] = {}
+    for key, named in metadata_contradictions(adapter.metadata, adapter.family).items():
+        dropped[key] = (adapter.metadata.pop(key), named)
+    config = adapter.config or {}
+    base = config.get(BASE_MODEL_CONFIG_FIELD)
+    if isinstance(base, str):
+        for key, named in metadata_contradictions({BASE_MODEL_CONFIG_FIELD: base}, adapter.family).items():
+            adapter.config = {**config, key: None}
+            dropped[key] = (base, named)
+    return dropped
 
 
-def _check_family(adapter: Adapter) -> None:
-    if adapter.family in CONVERTIBLE_FAMILIES:
-        return
-    fits = next((e.removeprefix("ambiguous: fits ") for e in adapter.family_evidence if e.startswith("ambiguous: fits ")), None)
-    if fits:
-        raise ConversionError(adapter.path, f"the base model is ambiguous: fits {fits}; pass --family")
-    if adapter.family == "unknown":
-        raise ConversionError(adapter.path, "cannot tell the base model family; pass --family")
-    raise ConversionError(
-        adapter.path, f"convert supports {', '.join(CONVERTIBLE_FAMILIES)}; this adapter is {adapter.family}"
-    )
+def _describe_changes(dropped: dict[str, tuple[str, str]], plan: list[OutputFile]) -> dict[str, str]:
+    written: dict[str, str] = {}
+    for f in plan:
+        written.update(f.metadata)
+        written.update({k: v for k, v in (f.config or {}).items() if isinstance(v, str)})
+    return {
+        key: f"{old!r} (says {named}) " + (f"replaced by {written[key]!r}" if key in written else "dropped")
+        for key, (old, named) in dropped.items()
+    }
 
 
 def _select(adapter: Adapter, target: str, skip: bool) -> tuple[list[AdapterModule], dict[str, str]]:
-    """Modules the target can hold, and why each other one (and each unknown key) cannot."""
-    keep: list[AdapterModule] = []
-    refused: dict[str, str] = {}
-    for m in adapter.modules.values():
-        reason = unsupported_reason(target, m)
-        if reason is None and not m.resolved and target != "kohya":
-            reason = f"no module of the {adapter.family} catalog has this name and shape, so it has no {target} name"
-        if reason is None:
-            keep.append(m)
-        else:
-            refused[m.source_name or str(m.key)] = reason
-    if target == "peft":
-        conflicts = peft_adapter_conflicts(keep)
-        keep = [m for m in keep if (m.source_name or str(m.key)) not in conflicts]
-        refused.update(conflicts)
-    for key in adapter.unknown_keys:
-        refused.setdefault(key, "unrecognised key")
-    # Modules whose values cannot be used (shapes, dtypes, NaN/Inf or out-of-range alpha).
-    for name, why in adapter.invalid_modules.items():
-        refused.setdefault(name, f"invalid: {why}")
+    """Modules the target can hold; the others (and unknown keys) refused unless ``skip``."""
+    keep, refused = writable(adapter, adapter.modules.values(), target)
     if refused and not skip:
         raise ConversionError(
             adapter.path,
-            f"{target} cannot hold {len(refused)} module(s)/key(s): {_by_reason(refused)}; "
+            f"{target} cannot hold {len(refused)} module(s)/key(s): {by_reason(refused)}; "
             "--skip-unsupported writes the rest",
         )
     if not keep:
         raise ConversionError(adapter.path, f"nothing left to write as {target}")
     return keep, refused
-
-
-def _by_reason(refused: dict[str, str]) -> str:
-    """'reason (N: name, name, …)' per distinct reason."""
-    groups: dict[str, list[str]] = {}
-    for name, why in refused.items():
-        groups.setdefault(why, []).append(name)
-    return "; ".join(
-        f"{why} ({len(names)}: {', '.join(names[:2])}{', …' if len(names) > 2 else ''})" for why, names in groups.items()
-    )
 
 
 def _verify(adapter: Adapter, modules: list[AdapterModule], written: Path, result: ConvertResult) -> None:

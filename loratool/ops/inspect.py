@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from loratool.errors import InputError, LoraToolError
 from loratool.formats.decode import decode
-from loratool.io.sources import is_adapter_dir, open_source
+from loratool.io.sources import open_source
+from loratool.library.walk import ERROR, WalkEntry, walk
 from loratool.model import Adapter
 
 # Flattened-name suffix -> target label, for modules no catalog resolved (first match wins).
@@ -37,8 +39,6 @@ TARGET_SUFFIXES: list[tuple[re.Pattern[str], str]] = [
 ]
 
 
-ADAPTER_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-
 # What A1111 and ComfyUI load (read from their code; README "Which format for which loader"):
 # both take kohya-named keys and the per-module ``.alpha`` tensor, never safetensors metadata
 # or adapter_config.json; A1111 matches no dotted diffusers key of a UNet family; ComfyUI maps
@@ -52,22 +52,19 @@ COMFY_UNMAPPED_TE = frozenset({"diffusers-attnproc-te"})
 TO_KOHYA = "for A1111/ComfyUI, convert --to kohya (alpha tensors and kohya keys, which both read)"
 
 
-def expand(paths: list[str]) -> list[str]:
-    """Paths to inspect: a folder that is not itself an adapter (no PEFT/diffusers layout)
-    stands for the LoRA files directly inside it, in name order."""
-    out: list[str] = []
-    for path in paths:
-        p = Path(path)
-        files = []
-        if p.is_dir() and not is_adapter_dir(p):
-            files = sorted(str(c) for c in p.iterdir() if c.is_file() and c.suffix.lower() in ADAPTER_SUFFIXES)
-        out.extend(files or [path])
-    return out
-
-
 def load(path: str | os.PathLike[str], family: str | None = None) -> Adapter:
-    """Read a LoRA file or folder (any supported format) into a normalised Adapter."""
-    return decode(open_source(path), family=family)
+    """Read a LoRA file or folder (any supported format) into a normalised Adapter.
+
+    The adapter keeps its source open for lazy tensor reads: close it (``adapter.close()``
+    or ``with load(p) as adapter:``) when done."""
+    source = open_source(path)
+    try:
+        adapter = decode(source, family=family)
+    except BaseException:
+        source.close()
+        raise
+    adapter.attach(source.close)
+    return adapter
 
 
 @dataclass
@@ -94,6 +91,9 @@ class InspectReport:
     unknown_keys: list[str] = field(default_factory=list)
     invalid_modules: dict[str, str] = field(default_factory=dict)
     loader_notes: list[str] = field(default_factory=list)
+    # What is wrong with a file that could still be described (a truncated download):
+    # the CLI prints it as an error line and exits 1. Not part of the JSON.
+    error: LoraToolError | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """The public JSON shape (optional ``hashes``/``keys`` only when asked for)."""
@@ -129,7 +129,7 @@ def summarize(adapter: Adapter) -> InspectReport:
     mods = list(adapter.modules.values())
     ranked = [(m, r) for m in mods if (r := m.rank) is not None]
     ranks = [r for _, r in ranked]
-    alphas = [m.alpha if m.alpha is not None else float(r) for m, r in ranked]
+    alphas = [m.alpha if m.alpha is not None else float(r) for m, r in ranked if not m.extra.get("alpha_unknown")]
     types = {m.network_type for m in mods} | ({"dora"} if any(m.dora for m in mods) else set())
     targets = Counter(m.extra.get("target") or target_label(m.source_name) for m in mods)
     dtypes = sorted({ref.dtype for m in mods for ref in m.params.values()} | {m.extra["alpha_dtype"] for m in mods if "alpha_dtype" in m.extra})
@@ -184,8 +184,11 @@ def _comfy_skips(m: Any) -> bool:
 def inspect(
     path: str | os.PathLike[str], *, hashes: bool = False, keys: bool = False, family: str | None = None
 ) -> InspectReport:
-    """Inspect one LoRA file or folder; ``hashes`` adds sha256/AutoV1/V2/V3 (streamed)."""
-    source = open_source(path)
+    """Inspect one LoRA file or folder; ``hashes`` adds sha256/AutoV1/V2/V3 (streamed).
+
+    A safetensors file cut short after its header is still described from the header
+    (``complete`` false, a warning), with ``report.error`` saying it is truncated."""
+    source = open_source(path, allow_truncated=True)
     try:
         adapter = decode(source, family=family)
         report = summarize(adapter)
@@ -195,7 +198,39 @@ def inspect(
         source.close()
     if hashes:
         report.hashes = _hashes(source)
+    cut = source.truncated
+    if cut is not None:
+        report.error = InputError(cut.path, str(cut.truncated))
     return report
+
+
+@dataclass
+class SurveyItem:
+    """One entry of a walk, with its report (adapters) and/or what went wrong."""
+
+    entry: WalkEntry
+    report: InspectReport | None = None
+    error: Exception | None = None  # a LoraToolError, or a bug (any other exception)
+
+
+def survey(
+    paths: Iterable[str | os.PathLike[str]], *, hashes: bool = False, keys: bool = False, family: str | None = None
+) -> Iterator[SurveyItem]:
+    """Inspect everything under ``paths`` (folders walked recursively, see
+    :func:`loratool.library.walk`), one item per entry as it is reached: adapters with
+    their report or error, and the entries that were not adapters with why."""
+    for entry in walk(paths):
+        if entry.is_adapter:
+            try:
+                report = inspect(entry.path, hashes=hashes, keys=keys, family=family)
+            except Exception as err:  # a bug too is this entry's alone: the survey goes on
+                yield SurveyItem(entry, error=err)
+                continue
+            yield SurveyItem(entry, report=report, error=report.error)
+        elif entry.kind == ERROR:
+            yield SurveyItem(entry, error=InputError(entry.path, entry.reason))
+        else:
+            yield SurveyItem(entry)
 
 
 def _hashes(source: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import requests
 from loratool import __version__
 from loratool.errors import RegistryError
 from loratool.registry.retry import RETRY_STATUSES, RetryPolicy
+from loratool.registry.terminal import safe
 
 log = logging.getLogger("loratool.registry")
 
@@ -137,7 +138,7 @@ class RegistryClient:
         except NonStandardJSON:
             raise RegistryError(_safe(url), "registry answered with non-standard JSON (NaN/Infinity)") from None
         except (ValueError, RecursionError):
-            kind = "an HTML page" if "html" in ctype else f"{ctype or 'untyped'} content"
+            kind = "an HTML page" if "html" in ctype else f"{safe(ctype) or 'untyped'} content"
             raise RegistryError(_safe(url), f"registry answered with {kind}, not JSON") from None
 
     # -- endpoints ----------------------------------------------------------------------
@@ -231,7 +232,7 @@ def http_error(url: str, resp: requests.Response) -> HTTPRegistryError:
             detail += f" (early access until {body['deadline']})"
     text = f"HTTP {status}: {base}"
     if detail and detail.lower() not in base.lower():
-        text += f" — {detail[:200]}"
+        text += f" — {safe(detail[:200])}"
     if status in RETRY_STATUSES:
         text += " (gave up after retries)"
     return HTTPRegistryError(_safe(url), text, status)
@@ -240,7 +241,7 @@ def http_error(url: str, resp: requests.Response) -> HTTPRegistryError:
 def _safe(url: str) -> str:
     """A URL fit for messages: no query string (signed URLs carry credentials there)."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return safe(f"{parts.scheme}://{parts.netloc}{parts.path}")
 
 
 def _reason(exc: Exception) -> str:

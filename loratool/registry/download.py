@@ -38,6 +38,7 @@ from loratool.registry.files import (
 )
 from loratool.registry.retry import RETRY_STATUSES
 from loratool.registry.sidecars import write_info, write_preview
+from loratool.registry.terminal import safe
 
 CHUNK = 1024 * 1024
 DEPTH = 4  # chunks in flight between the reader and the hash/write workers
@@ -104,9 +105,12 @@ def fetch_version(client: RegistryClient, version: dict[str, Any], dest: Path,
     """Download the chosen file of ``version`` into ``dest`` and write its sidecars."""
     file = select_file(version, opts.choice)
     name = sanitize_filename(str(file.get("name") or _disposition_name(client, version, file)))
-    if is_pickle(file) and not opts.allow_pickle:
+    if is_pickle(file, name) and not opts.allow_pickle:  # the name it will be saved under counts
         raise RegistryError(name, "pickle format can run code when loaded; refusing without --allow-pickle")
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RegistryError(dest, f"cannot create the output folder: {exc.strerror or exc}") from None
     final = inside(dest, name)
     expected = str((file.get("hashes") or {}).get("SHA256") or "").upper() or None
     warnings = scan_warnings(file)
@@ -275,7 +279,7 @@ class _Download:
             raise http_error(self.final.name, resp)
         ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype.startswith(REFUSED_TYPES) and self.final.name.lower().endswith(WEIGHT_EXTENSIONS):
-            raise RegistryError(self.final, f"server sent {ctype} instead of the model "
+            raise RegistryError(self.final, f"server sent {safe(ctype)} instead of the model "
                                             "(a login or error page?); nothing saved")
         if status == 200:
             if self.offset:

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from loratool.errors import RegistryError
+from loratool.registry.terminal import safe, strip_unsafe
 
 MAX_NAME_BYTES = 240  # leaves room for ".part" / ".civitai.info" under a 255-byte limit
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin",
@@ -22,12 +23,14 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
 
 
 def sanitize_filename(raw: str) -> str:
-    """A registry-supplied file name made safe: basename only, no separators or controls.
+    """A registry-supplied file name made safe: basename only, no separators, no escape
+    sequences, control characters or bidi overrides (stripped, so that what is listed is
+    what is on disk).
 
     Raises :class:`RegistryError` when nothing usable is left or the extension is not a
     model/asset extension we expect.
     """
-    name = unicodedata.normalize("NFC", raw or "")
+    name = strip_unsafe(unicodedata.normalize("NFC", raw or ""))
     name = re.split(r"[/\\]", name)[-1]  # basename, whichever separator was used
     name = _UNSAFE.sub("_", name).strip().lstrip(".").rstrip(". ")
     stem, dot, ext = name.rpartition(".")
@@ -39,9 +42,9 @@ def sanitize_filename(raw: str) -> str:
         stem = stem[:-1]
     name = f"{stem}.{ext}" if ext else stem
     if not stem or not name or name in (".", ".."):
-        raise RegistryError(raw, "registry gave an unusable file name")
+        raise RegistryError(safe(raw), "registry gave an unusable file name")
     if not name.lower().endswith(MODEL_EXTENSIONS):
-        raise RegistryError(raw, f"unexpected file extension (expected one of {', '.join(MODEL_EXTENSIONS)})")
+        raise RegistryError(safe(raw), f"unexpected file extension (expected one of {', '.join(MODEL_EXTENSIONS)})")
     return name
 
 
@@ -71,13 +74,16 @@ def inside(dest_dir: Path, name: str) -> Path:
     root = dest_dir.resolve()
     target = (root / name).resolve()
     if target.parent != root:
-        raise RegistryError(name, f"file name would escape {dest_dir}")
+        raise RegistryError(safe(name), f"file name would escape {dest_dir}")
     return target
 
 
-def is_pickle(file: dict[str, Any]) -> bool:
+def is_pickle(file: dict[str, Any], name: str | None = None) -> bool:
+    """Pickle-based by the registry's format, its listed name, or the name the file will
+    be saved under (``name``: e.g. from a Content-Disposition when the API lists none)."""
     fmt = (file.get("metadata") or {}).get("format")
-    return fmt in PICKLE_FORMATS or str(file.get("name", "")).lower().endswith(PICKLE_EXTENSIONS)
+    names = (str(file.get("name") or ""), name or "")
+    return fmt in PICKLE_FORMATS or any(n.lower().endswith(PICKLE_EXTENSIONS) for n in names)
 
 
 def scan_warnings(file: dict[str, Any]) -> list[str]:
@@ -86,7 +92,7 @@ def scan_warnings(file: dict[str, Any]) -> list[str]:
     for key, label in (("pickleScanResult", "pickle scan"), ("virusScanResult", "virus scan")):
         value = file.get(key)
         if value is not None and value != "Success":
-            out.append(f"registry {label} result is {value!r}")
+            out.append(f"registry {label} result is {safe(repr(value))}")
     return out
 
 
@@ -121,4 +127,4 @@ def select_file(version: dict[str, Any], choice: FileChoice) -> dict[str, Any]:
 def _describe(f: dict[str, Any]) -> str:
     meta = f.get("metadata") or {}
     extra = "/".join(str(meta[k]) for k in ("format", "fp", "size") if meta.get(k))
-    return f"{f.get('name')} [{f.get('type')}{', ' + extra if extra else ''}]"
+    return safe(f"{f.get('name')} [{f.get('type')}{', ' + extra if extra else ''}]")

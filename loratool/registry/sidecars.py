@@ -6,13 +6,13 @@ image. Both are written to a temporary file and renamed into place.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from loratool.io.writer import atomic_write_bytes
+from loratool.registry.terminal import safe, safe_json
 
 PREVIEW_MAX_BYTES = 32 * 1024 * 1024
 # Content-Type -> extension for preview images we accept.
@@ -26,7 +26,7 @@ def stem_of(model_path: Path) -> str:
 
 def write_info(model_path: Path, version: dict[str, Any]) -> Path:
     path = model_path.with_name(f"{stem_of(model_path)}.civitai.info")
-    return atomic_write_bytes(path, json.dumps(version, indent=4, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+    return atomic_write_bytes(path, safe_json(version, indent=4).encode("utf-8"))
 
 
 def preview_url(version: dict[str, Any]) -> str | None:
@@ -46,7 +46,7 @@ def write_preview(session: requests.Session, model_path: Path, version: dict[str
         with session.get(url, stream=True, timeout=timeout) as resp:
             ctype = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if resp.status_code != 200 or ctype not in IMAGE_TYPES:
-                return None, f"preview not saved (HTTP {resp.status_code}, {ctype or 'no type'})"
+                return None, f"preview not saved (HTTP {resp.status_code}, {safe(ctype) or 'no type'})"
             data = bytearray()
             for chunk in resp.iter_content(256 * 1024):
                 data += chunk
