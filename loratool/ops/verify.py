@@ -20,6 +20,7 @@ element counts that differ), is listed in ``failures``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -39,6 +40,24 @@ FACTORS = ("lora_up", "lora_down")
 # Half the spacing of subnormals per dtype: the absolute rounding error near zero.
 SUBNORMAL_ROUNDING: dict[str, float] = {
     "F64": 2.0**-1075, "F32": 2.0**-150, "F16": 2.0**-25, "BF16": 2.0**-134, "F8_E4M3": 2.0**-10, "F8_E5M2": 2.0**-17,
+}
+
+
+
+
+def _screen(step: int, offset: int, suspect: Callable[[int], bool], exact: bool) -> tuple[int, int, bytes, bool]:
+    return step, offset, bytes(b for b in range(256) if not suspect(b)), exact
+
+
+# Per float dtype: (bytes per value, offset of the byte holding the sign and the exponent's
+# top bits, the byte values that cannot belong to a NaN/Inf, whether the others always do).
+NONFINITE_SCREEN: dict[str, tuple[int, int, bytes, bool]] = {
+    "F16": _screen(2, 1, lambda b: b & 0x7C == 0x7C, True),
+    "F8_E5M2": _screen(1, 0, lambda b: b & 0x7C == 0x7C, True),
+    "F8_E4M3": _screen(1, 0, lambda b: b & 0x7F == 0x7F, True),  # no Inf; NaN is S.1111.111
+    "BF16": _screen(2, 1, lambda b: b & 0x7F == 0x7F, False),
+    "F32": _screen(4, 3, lambda b: b & 0x7F == 0x7F, False),
+    "F64": _screen(8, 7, lambda b: b & 0x7F == 0x7F, False),
 }
 
 
@@ -122,25 +141,37 @@ def _same_bytes(a: AdapterModule, b: AdapterModule) -> bool | str:
 
 
 def _finite_bytes(raw: bytes, dtype: str) -> bool:
-    """Whether stored little-endian values of ``dtype`` are all finite (ints always are)."""
-    if dtype not in UNIT_ROUNDOFF or not raw:
+    """Whether stored little-endian values of ``dtype`` are all finite (ints always are).
+
+    Screened without torch: a NaN/Inf has its exponent all ones, so the byte holding the
+    exponent's top bits takes one of a few values (:data:`NONFINITE_SCREEN`). Where none
+    occurs every value is finite; where one does, torch decides (for F16/F8 such a byte
+    is a NaN/Inf; for BF16/F32/F64 it may also be a huge finite value)."""
+    screen = NONFINITE_SCREEN.get(dtype)
+    if screen is None or not raw:
         return True
+    step, offset, keep, exact = screen
+    if not (raw[offset::step] if step > 1 else raw).translate(None, keep):
+        return True
+    if exact:
+        return False
     import torch
 
     from loratool.io.safetensors import TORCH_DTYPES
 
-    t = torch.frombuffer(bytearray(raw), dtype=getattr(torch, TORCH_DTYPES[dtype]))
-    return _all_finite(t)
+    return _all_finite(torch.frombuffer(bytearray(raw), dtype=getattr(torch, TORCH_DTYPES[dtype])))
 
 
 def _all_finite(t: Tensor) -> bool:
+    """No NaN/Inf in ``t``: its max and min are finite (max/min propagate NaN), which is
+    one reduction pass, ~10× faster on CPU than ``isfinite(t).all()`` for half floats."""
     import torch
 
-    if not t.is_floating_point():
+    if not t.is_floating_point() or not t.numel():
         return True
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # isfinite has no F8 kernel
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # no F8 reduction kernels
         t = t.float()
-    return bool(torch.isfinite(t).all())
+    return math.isfinite(t.amax().item()) and math.isfinite(t.amin().item())
 
 
 def _recompute(a: AdapterModule, b: AdapterModule) -> tuple[float, float, bool]:
@@ -200,50 +231,68 @@ def _rescaled_factors(a: AdapterModule, ta: dict, b: AdapterModule, tb: dict) ->
 
     if a.network_type not in ("lora", "locon") or "lora_mid" in ta or not b.scale:
         return None
-    import torch
-
-    wide = torch.float64 if "F64" in {r.dtype for r in (*a.params.values(), *b.params.values())} else torch.float32
-    up_a, down_a = mat(ta["lora_up"]).to(wide), mat(ta["lora_down"]).to(wide)
-    up_b, down_b = mat(tb["lora_up"]).to(wide), mat(tb["lora_down"]).to(wide)
+    up_a, down_a, up_b, down_b = (mat(t[name]) for t in (ta, tb) for name in ("lora_up", "lora_down"))
     if up_a.shape != up_b.shape or down_a.shape != down_b.shape:
         return None
     ratio = a.scale / b.scale
     down, up = split_scale(ratio)  # how loratool splits it; other writers may have swapped it
     for beta, alpha in ((down, up), (up, down)):
-        errors = _rescale_errors(((up_b, up_a, alpha, b.params["lora_up"]), (down_b, down_a, beta, b.params["lora_down"])))
-        if errors is not None and alpha * beta == ratio:
+        if alpha * beta != ratio:
+            continue
+        e_up = _factor_errors(up_b, up_a, alpha, b.params["lora_up"].dtype, rank_axis=1)
+        e_down = None if e_up is None else _factor_errors(down_b, down_a, beta, b.params["lora_down"].dtype, rank_axis=0)
+        if e_down is not None:
             break
     else:
         return None
-    e_up, e_down = errors
-    col_up = up_a.abs().amax(dim=0)  # max_i |U_ik| per k
-    bound = abs(b.scale) * float(
-        (col_up * abs(alpha) * e_down.amax(dim=1)).sum() + (e_up.amax(dim=0) * down_b.abs().amax(dim=1)).sum()
-    )
-    reach = abs(a.scale) * float((col_up * down_a.abs().amax(dim=1)).sum())  # ≥ max |ΔW_a|
+    col_up = _absmax(up_a, dim=0)  # max_i |U_ik| per k
+    bound = abs(b.scale) * float((col_up * abs(alpha) * e_down).sum() + (e_up * _absmax(down_b, dim=1)).sum())
+    reach = abs(a.scale) * float((col_up * _absmax(down_a, dim=1)).sum())  # ≥ max |ΔW_a|
     if not (math.isfinite(bound) and math.isfinite(reach)):
         return None
     u = max(UNIT_ROUNDOFF.get(ref.dtype, 0.0) for ref in (*a.params.values(), *b.params.values()))
     return bound * (1 + 1e-9), 8 * u * reach
 
 
+def _factor_errors(new: Tensor, old: Tensor, factor: float, dtype: str, rank_axis: int) -> Tensor | None:
+    """Upper bounds on max |new − factor·old| per rank index (float64; NaN/Inf when either
+    side holds NaN/Inf), or None where the elements are not that rescale up to rounding.
+
+    When both are stored alike and ``factor`` is a power of two, the difference is taken
+    in that dtype, the smaller side scaled up (exact: no bits are lost, overflow gives Inf),
+    and its rounding covered by a factor 1 + 2u: four passes over the factors, no float32
+    copies. Otherwise every element is measured in float32/64 and must be within rounding
+    to ``dtype`` of the rescaled source."""
+    import torch
+
+    u = UNIT_ROUNDOFF.get(dtype, 0.0)
+    other = 1 - rank_axis
+    if new.dtype == old.dtype and new.itemsize > 1 and abs(math.frexp(factor)[0]) == 0.5:
+        scale_up = abs(factor) >= 1
+        diff = old * factor - new if scale_up else old - new * (1 / factor)
+        per_rank = diff.abs_().amax(dim=other).double() * (1 + 2 * u)
+        return per_rank if scale_up else per_rank * abs(factor)
+    wide = torch.float64 if torch.float64 in (new.dtype, old.dtype) else torch.float32
+    want, got = old.to(wide) * factor, new.to(wide)
+    error = (got - want).abs_()
+    allowed = want.abs_().mul_(u).add_(SUBNORMAL_ROUNDING.get(dtype, 0.0))
+    if not bool((error <= allowed).all()):  # also False for NaN/Inf
+        return None
+    return error.amax(dim=other).double()
+
+
+def _absmax(t: Tensor, dim: int) -> Tensor:
+    """max |t| along ``dim``, as float64 (abs and max are exact in any float dtype)."""
+    import torch
+
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.float()
+    return t.abs().amax(dim=dim).double()
+
+
 def _worst(*diffs: float) -> float:
     """The largest difference, NaN if any is NaN (Python's ``max`` may skip a NaN)."""
     return math.nan if any(math.isnan(d) for d in diffs) else max(diffs, default=0.0)
-
-
-def _rescale_errors(pairs: tuple) -> list[Tensor] | None:
-    """|new − factor·old| per (new, old, factor, output ref), or None where some element is
-    off by more than rounding to the output's dtype (or is NaN/Inf)."""
-    errors = []
-    for new, old, factor, ref in pairs:
-        want = old * factor
-        error = (new - want).abs_()
-        allowed = want.abs_().mul_(UNIT_ROUNDOFF.get(ref.dtype, 0.0)).add_(SUBNORMAL_ROUNDING.get(ref.dtype, 0.0))
-        if not bool((error <= allowed).all()):  # also False for NaN/Inf
-            return None
-        errors.append(error)
-    return errors
 
 
 def _maxdiff(x: Tensor, y: Tensor) -> float:
