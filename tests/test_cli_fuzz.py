@@ -37,7 +37,7 @@ REAL = [s for s in get_catalog("sd1") if s.kind in ("linear", "conv") and s.shap
 
 HOSTILE = [
     "\ud800", "\udfff", "a\x00b", "\x1b[31mred\x1b]0;title\x07", "\u202eevil", "../../etc/passwd", "a/b\\c",
-    "\n", "\r\n", "\t", "\U0010ffff", "\ufeff", "e\u0301" * 3, "\u0000", "x" * 5000, "", " ", ".", "__metadata__",
+    "\n", "\r\n", "\t", "[/]", "[bold]x[/bold", "[link=http://example.invalid]a[/link]", "\U0010ffff", "\ufeff", "e\u0301" * 3, "\u0000", "x" * 5000, "", " ", ".", "__metadata__",
     "lora_unet_", "lora_te_text_model_encoder_layers_99_self_attn_q_proj", "😀" * 50,
 ]
 SCALARS = [1.0, 4.0, 0.0, -2.0, 1e300, -1e300, math.nan, math.inf, -math.inf, 1e-45, 65504.0, 3.0e38]

@@ -67,7 +67,8 @@ def test_file_name_that_is_not_unicode(tmp_path: Path) -> None:
     """An undecodable file name prints with escapes instead of failing the output."""
     name = os.fsencode(tmp_path) + b"/lora\xff.safetensors"
     shutil.copy(KOHYA, name)
-    result = subprocess.run([sys.executable, "-m", "loratool", "inspect", name], capture_output=True, cwd=ROOT, timeout=120)
+    wide = {**os.environ, "COLUMNS": "400"}  # the whole path on one line
+    result = subprocess.run([sys.executable, "-m", "loratool", "inspect", name], capture_output=True, cwd=ROOT, timeout=120, env=wide)
     assert result.returncode == 0 and result.stderr == b""
     assert b"lora\\udcff.safetensors" in result.stdout
     result = subprocess.run([sys.executable, "-m", "loratool", "inspect", "--json", name], capture_output=True, cwd=ROOT, timeout=120)
@@ -281,3 +282,23 @@ def test_left_out_names_stay_on_their_line(tmp_path: Path) -> None:
     result = run_cli("convert", str(path), "--to", "kohya", "--family", "sd1", "--skip-unsupported", "-o", str(tmp_path / "o.safetensors"))
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["left out 1 module(s)/key(s):", "  evil name.weight: unrecognised key"]
+
+
+def test_inspect_shows_file_text_as_text(tmp_path: Path) -> None:
+    """Rich markup and terminal escapes in a path, a key or a metadata value are shown as
+    visible text: no markup error, no escape sequence reaches the terminal."""
+    from safetensors.torch import save_file
+
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {f"{q}.lora_down.weight": torch.zeros(4, 320).half(), f"{q}.lora_up.weight": torch.zeros(320, 4).half(),
+               "[/]\x1b[31mred[link=http://example.invalid]": torch.zeros(1)}
+    path = tmp_path / "[bold]x[red.safetensors"
+    save_file(tensors, str(path), {"ss_network_module": "[/]\x1b]0;title\x07", "modelspec.title": "[red]x\u202e"})
+    wide = {**os.environ, "COLUMNS": "400"}
+    result = subprocess.run([sys.executable, "-m", "loratool", "inspect", "--keys", str(path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120, env=wide)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    out = result.stdout
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    for shown in ("[bold]x[red.safetensors", "[/]\\x1b[31mred[link=http://example.invalid]", "[/]\\x1b]0;title\\x07", "[red]x\\u202e"):
+        assert shown in out, shown

@@ -10,6 +10,7 @@ import click
 
 from loratool.errors import LoraToolError
 from loratool.ops.check import CheckReport, LoraCheck, check
+from loratool.terminal import markup
 
 SHOWN_UNPLACED = 8
 
@@ -38,30 +39,27 @@ def check_cmd(loras: tuple[str, ...], base: str, as_json: bool) -> None:
 def render(report: CheckReport) -> None:
     """The report as a few lines per LoRA (rich markup; plain when piped)."""
     from rich.console import Console
-    from rich.markup import escape
 
     console = Console(highlight=False, soft_wrap=True)
     c = report.checkpoint
     parts = ", ".join(f"{name} {v['modules']}/{v['catalog_modules']} modules {'/'.join(v['dtypes'])}" for name, v in c["components"].items())
-    console.print(f"[bold]{escape(c['path'])}[/bold]: {c['layout']}, [bold]{c['family']}[/bold] ({parts})")
+    console.print(f"[bold]{markup(c['path'])}[/bold]: {c['layout']}, [bold]{c['family']}[/bold] ({markup(parts)})")
     for w in c["warnings"]:
-        console.print(f"  [yellow]warning[/yellow]: {escape(w)}")
+        console.print(f"  [yellow]warning[/yellow]: {markup(w)}")
     for lc in report.loras:
         for line in _lines(lc):
             console.print(line)
 
 
 def _lines(lc: LoraCheck) -> list[str]:
-    from rich.markup import escape
-
     mark = "[green]fits[/green]" if lc.fits else f"[red]{lc.verdict}[/red]"
     where = ", ".join(f"{k} {n}" for k, n in lc.placed.items())
     kind = "" if lc.verdict == "wrong-family" else f" ({lc.format}, {lc.family})"
-    head = f"{mark} {escape(lc.path)}{kind}: {escape(lc.message)}"
+    head = f"{mark} {markup(lc.path)}{kind}: {markup(lc.message)}"
     lines = [head + (f" ({where})" if where and lc.verdict != "wrong-family" else "")]
-    lines += [f"  [red]unplaced[/red] {escape(name)}: {escape(why)}" for name, why in list(lc.unplaced.items())[:SHOWN_UNPLACED]]
+    lines += [f"  [red]unplaced[/red] {markup(name)}: {markup(why)}" for name, why in list(lc.unplaced.items())[:SHOWN_UNPLACED]]
     if len(lc.unplaced) > SHOWN_UNPLACED:
         lines.append(f"  … and {len(lc.unplaced) - SHOWN_UNPLACED} more (--json lists all)")
-    lines += [f"  note: {escape(n)}" for n in lc.notes]
-    lines += [f"  [yellow]warning[/yellow]: {escape(w)}" for w in lc.warnings]
+    lines += [f"  note: {markup(n)}" for n in lc.notes]
+    lines += [f"  [yellow]warning[/yellow]: {markup(w)}" for w in lc.warnings]
     return lines

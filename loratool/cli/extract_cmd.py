@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import click
 
-from loratool.cli.merge_cmd import _terminate_cleanly as terminate_cleanly
+from loratool.cli.main import terminate_cleanly
 from loratool.formats.encode import DTYPES, TARGETS
 from loratool.ops.extract import (
     DEFAULT_MIN_DIFF,

@@ -13,6 +13,7 @@ import click
 from loratool.cli.main import FileErrors
 from loratool.library.walk import NOT_A_MODEL, WalkEntry
 from loratool.ops.inspect import InspectReport, survey
+from loratool.terminal import markup
 
 FAMILY_CHOICES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "flux")
 
@@ -73,36 +74,39 @@ def _suffixes(entries: list[WalkEntry]) -> str:
 
 
 def render(r: InspectReport) -> None:
-    """Print one report as a compact rich table."""
+    """Print one report as a compact rich table. Everything read from the file (path, keys,
+    metadata, module names in warnings) goes through :func:`loratool.terminal.markup`:
+    shown as text, never as rich markup or terminal escapes."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(highlight=False)
-    table = Table(show_header=False, box=None, padding=(0, 1), title=r.path, title_justify="left", title_style="bold")
+    table = Table(show_header=False, box=None, padding=(0, 1), title=markup(r.path), title_justify="left", title_style="bold")
     table.add_column(style="cyan", no_wrap=True)
     table.add_column(overflow="fold")
-    table.add_row("format", f"{r.format}" + (f" ({r.variant})" if r.variant else ""))
-    table.add_row("family", f"[bold]{r.family}[/bold]  " + "; ".join(r.family_evidence[:3]))
-    table.add_row("network", ", ".join(r.network_types))
-    table.add_row("modules", f"{r.modules}  (" + ", ".join(f"{c} {n}" for c, n in r.components.items()) + ")")
+    table.add_row("format", markup(f"{r.format}" + (f" ({r.variant})" if r.variant else "")))
+    table.add_row("family", f"[bold]{markup(r.family)}[/bold]  " + markup("; ".join(r.family_evidence[:3])))
+    table.add_row("network", markup(", ".join(r.network_types)))
+    table.add_row("modules", markup(f"{r.modules}  (" + ", ".join(f"{c} {n}" for c, n in r.components.items()) + ")"))
     table.add_row("rank", _span(r.rank))
     table.add_row("alpha", _span(r.alpha))
-    table.add_row("targets", ", ".join(f"{t}×{n}" for t, n in r.targets.items()))
-    table.add_row("dtypes", ", ".join(r.dtypes))
+    table.add_row("targets", markup(", ".join(f"{t}×{n}" for t, n in r.targets.items())))
+    table.add_row("dtypes", markup(", ".join(r.dtypes)))
     if r.metadata:
         shown = [f"{k}={_short(v)}" for k, v in r.metadata.items() if k.startswith(SHOWN_METADATA)]
-        table.add_row("metadata", f"{len(r.metadata)} keys" + (": " + ", ".join(shown) if shown else ""))
+        table.add_row("metadata", markup(f"{len(r.metadata)} keys" + (": " + ", ".join(shown) if shown else "")))
     table.add_row("complete", "yes" if r.complete else "[yellow]no[/yellow]")
     if r.hashes:
-        table.add_row("hashes", ", ".join(f"{k}={v}" for k, v in r.hashes.items() if not isinstance(v, dict)) or json.dumps(r.hashes, allow_nan=False))
+        table.add_row("hashes", markup(", ".join(f"{k}={v}" for k, v in r.hashes.items() if not isinstance(v, dict))
+                                       or json.dumps(r.hashes, allow_nan=False)))
     for w in r.warnings:
-        table.add_row("[yellow]warning[/yellow]", w)
+        table.add_row("[yellow]warning[/yellow]", markup(w))
     for note in r.loader_notes:
-        table.add_row("loaders", note)
+        table.add_row("loaders", markup(note))
     if r.unknown_keys:
-        table.add_row("[yellow]unknown[/yellow]", f"{len(r.unknown_keys)} keys, e.g. {r.unknown_keys[0]}")
+        table.add_row("[yellow]unknown[/yellow]", markup(f"{len(r.unknown_keys)} keys, e.g. {r.unknown_keys[0]}"))
     if r.keys is not None:
-        table.add_row("keys", "\n".join(r.keys))
+        table.add_row("keys", "\n".join(markup(k) for k in r.keys))
     console.print(table)
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
+import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
 
 import click
 
@@ -196,3 +200,34 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(bug_message(exc), err=True)
         sys.exit(EXIT_BUG)
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so a temp output beside its target is removed (for
+    the long-running commands: merge, extract)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def show_written(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    """A written adapter's result (``to_json()``, ``refused``) as strict JSON or through
+    ``render``; then each module or key it left out, on stderr, shown safely."""
+    from loratool.terminal import safe
+
+    if as_json:
+        json.dump(result.to_json(), sys.stdout, indent=2, allow_nan=False)
+        sys.stdout.write("\n")
+    else:
+        render(result)
+    if result.refused:
+        click.echo(f"left out {len(result.refused)} module(s)/key(s):", err=True)
+        for name, why in result.refused.items():
+            click.echo(f"  {safe(name)}: {safe(why)}", err=True)

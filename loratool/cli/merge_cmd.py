@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import FrameType
 
 import click
 
+from loratool.cli.main import terminate_cleanly
 from loratool.ops.merge import DEVICES, DTYPES, MergeResult, merge, parse_lora_arg
 
 
@@ -29,7 +28,7 @@ def merge_cmd(checkpoint: str, loras: tuple[str, ...], output: str, dtype: str |
     weights subtract). Untouched tensors are copied byte for byte; the output appears
     only when complete."""
     specs = [parse_lora_arg(a) for a in loras]
-    with _progress() as advance, _terminate_cleanly():
+    with _progress() as advance, terminate_cleanly():
         r = merge(checkpoint, specs, output, dtype=dtype, device=device, allow_partial=allow_partial, force=force, progress=advance)
     _report(r)
 
@@ -72,17 +71,3 @@ def _progress() -> Iterator[Callable[[int, int], None] | None]:
             bar.update(task, completed=done, total=total)
 
         yield advance
-
-
-@contextmanager
-def _terminate_cleanly() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the temp output beside the target is removed."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

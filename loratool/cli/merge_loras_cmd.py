@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 import click
 
 from loratool.cli.inspect_cmd import FAMILY_CHOICES
+from loratool.cli.main import show_written
 from loratool.formats.encode import DTYPES, TARGETS
 from loratool.ops.merge_loras import MODES, MergeLorasResult, merge_loras
 
@@ -30,15 +28,7 @@ def merge_loras_cmd(inputs: tuple[str, ...], output: str, mode: str, rank: int |
     """Merge LoRAs into one: ΔW = Σ weightᵢ·ΔWᵢ (weights default to 1; negative ones work)."""
     r = merge_loras(list(inputs), output, mode=mode, rank=rank, target=target, dtype=dtype, family=family,
                     skip_unsupported=skip_unsupported, force=force, verify=verify)
-    if as_json:
-        json.dump(r.to_json(), sys.stdout, indent=2, allow_nan=False)
-        sys.stdout.write("\n")
-    else:
-        render(r)
-    if r.refused:
-        click.echo(f"left out {len(r.refused)} module(s)/key(s):", err=True)
-        for name, why in r.refused.items():
-            click.echo(f"  {name}: {why}", err=True)
+    show_written(r, as_json, render)
 
 
 def render(r: MergeLorasResult) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import click
 from loratool import jsonstrict
 from loratool.errors import LoraToolError, UsageError
 from loratool.ops.metadata import MetadataEdit, MetadataView, set_metadata, show, strip
+from loratool.terminal import printable
 
 
 def _output_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -135,19 +135,6 @@ def _report(edit: MetadataEdit) -> None:
             click.echo(f"  {key} = {printable(edit.metadata[key])}")
     for note in edit.notes:
         click.echo(f"  note: {note}")
-
-
-BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def printable(text: str) -> str:
-    """Text from a file made harmless for a terminal: control characters (ESC, C1…) and
-    bidi overrides shown as escapes; newlines and tabs kept."""
-    return "".join(
-        c if c in "\n\t" or (unicodedata.category(c) != "Cc" and c not in BIDI)
-        else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-        for c in text
-    )
 
 
 def _names(keys: list[str], shown: int = 8) -> str:

@@ -2,7 +2,7 @@
 
 Tables and progress go through rich; progress and warnings go to stderr so that ``--json``
 output on stdout stays clean. The token is never echoed, logged or put in a URL. Every
-string that came from a registry is printed through :mod:`loratool.registry.terminal`
+string that came from a registry is printed through :mod:`loratool.terminal`
 (``safe``/``markup``/``safe_json``): no escape sequence, bidi override or rich markup in a
 model name reaches the terminal as anything but visible text.
 """
@@ -33,7 +33,7 @@ from loratool.registry import (
     resolve_version,
 )
 from loratool.registry import config as cfg
-from loratool.registry.terminal import markup, safe, safe_json
+from loratool.terminal import markup, safe, safe_json
 
 if TYPE_CHECKING:  # rich loads only when something is rendered (fast `fetch --quiet`)
     from rich.console import Console

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
 from loratool.cli.inspect_cmd import FAMILY_CHOICES
+from loratool.cli.main import show_written
 from loratool.formats.encode import DTYPES, TARGETS
 from loratool.lowrank.rank import RANK_METHODS
 from loratool.ops.resize import ResizeResult, resize
@@ -33,15 +33,7 @@ def resize_cmd(src: str, output: str, rank: int | None, dynamic: str | None, thr
     """Resize a LoRA to --rank N, or per module with --dynamic/--threshold, keeping its strength."""
     r = resize(src, output, rank=rank, dynamic=dynamic, threshold=threshold, target=target, dtype=dtype,
                family=family, svd_full=svd_full, skip_unsupported=skip_unsupported, force=force, verify=verify)
-    if as_json:
-        json.dump(r.to_json(), sys.stdout, indent=2, allow_nan=False)
-        sys.stdout.write("\n")
-    else:
-        render(r)
-    if r.refused:
-        click.echo(f"left out {len(r.refused)} module(s)/key(s):", err=True)
-        for name, why in r.refused.items():
-            click.echo(f"  {name}: {why}", err=True)
+    show_written(r, as_json, render)
 
 
 def render(r: ResizeResult) -> None:
@@ -67,6 +59,8 @@ def _table(r: ResizeResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from loratool.terminal import markup
+
     table = Table(box=None, padding=(0, 1), header_style="bold")
     for col, justify in (("module", "left"), ("type", "left"), ("rank", "right"), ("alpha", "right"),
                          ("retained", "right"), ("error", "right")):
@@ -74,5 +68,5 @@ def _table(r: ResizeResult) -> None:
     for m in r.modules:
         rank = f"{m.rank_in} → {m.rank_out}" if m.rank_in is not None else f"→ {m.rank_out}"
         alpha = f"{m.alpha_out:g}" if m.alpha_out is not None else "-"
-        table.add_row(m.name, m.network_type, rank, alpha, f"{m.retained:.2%}", f"{m.error:.2%}")
+        table.add_row(markup(m.name), m.network_type, rank, alpha, f"{m.retained:.2%}", f"{m.error:.2%}")
     Console(highlight=False).print(table)

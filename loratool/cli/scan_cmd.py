@@ -12,10 +12,10 @@ from typing import Any
 
 import click
 
-from loratool.cli.metadata_cmd import printable
 from loratool.errors import UsageError
 from loratool.library.catalog import open_catalog
 from loratool.library.scanner import Progress, ScanResult, scan
+from loratool.terminal import printable
 
 LISTED = 20  # paths shown per report section; the rest are counted
 

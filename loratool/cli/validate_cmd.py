@@ -10,9 +10,9 @@ from typing import Any
 import click
 
 from loratool.cli.inspect_cmd import FAMILY_CHOICES
-from loratool.cli.metadata_cmd import printable
 from loratool.library.walk import ERROR, walk
 from loratool.ops.validate import ValidationReport, validate
+from loratool.terminal import printable
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 

@@ -140,8 +140,8 @@ def decode(source: TensorSource, family: str | None = None) -> Adapter:
         invalid_modules={name: str(exc) for name, exc in invalid.items()},
         invalid_kinds={name: exc.kind for name, exc in invalid.items()},
     )
+    adapter.complete = not adapter.unknown_keys  # a key no module holds: something is not applied
     if unclassified:
-        adapter.complete = False
         names = ", ".join(sorted({g.module for g in unclassified})[:5])
         adapter.warnings.append(f"{len(unclassified)} module(s) with an incomplete or unknown parameter set: {names}")
     _resolve(adapter, modules, chosen)

@@ -225,7 +225,7 @@ def write_safetensors(
                 early.written(pos)
                 if isinstance(run, tuple):  # (file, offset, n): contiguous stored bytes
                     fh.flush()
-                    _copy_range(sources, run, fh.fileno(), pos)
+                    copy_range(sources, run, fh.fileno(), pos)
                     pos += run[2]
                     fh.seek(pos)
                     if progress is not None:
@@ -305,7 +305,7 @@ def _runs(tensors: list[OutTensor], copyable: bool) -> Iterator[OutTensor | tupl
         yield tuple(pending)
 
 
-def _copy_range(sources: dict[str, int], origin: tuple[str, int, int], out_fd: int, out_pos: int) -> None:
+def copy_range(sources: dict[str, int], origin: tuple[str, int, int], out_fd: int, out_pos: int) -> None:
     """Copy stored bytes into the output inside the kernel (as ``cp`` does), falling back
     to read/write where the filesystem cannot."""
     path, offset, n = origin

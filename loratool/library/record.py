@@ -13,9 +13,10 @@ imports torch). Safetensors files are described without importing torch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
+
+from loratool.jsonstrict import finite_or_none
 
 # Metadata keys that name the base model an adapter was trained on (kohya, modelspec).
 BASE_MODEL_KEYS = (
@@ -83,7 +84,7 @@ def _describe(record: dict[str, Any], report: Any) -> None:
     record.update(
         format=report.format, variant=report.variant or None, family=report.family,
         network_types=list(report.network_types), components=dict(report.components),
-        modules=report.modules, rank=dict(report.rank), alpha=_finite(dict(report.alpha)),
+        modules=report.modules, rank=dict(report.rank), alpha=finite_or_none(dict(report.alpha)),
         dtypes=list(report.dtypes), complete=report.complete, warnings=list(report.warnings),
         base_model=next((meta[k] for k in BASE_MODEL_PRIMARY if meta.get(k)), None),
         base_model_metadata={k: meta[k] for k in BASE_MODEL_KEYS if k in meta},
@@ -116,15 +117,6 @@ def _validation(path: str) -> dict[str, Any]:
     report = validate(path, allow_pickle=True)
     counts = report.counts
     return {"ok": counts["error"] == 0, "counts": counts, "codes": report.codes}
-
-
-def _finite(value: Any) -> Any:
-    """NaN/Inf as None: records are strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
 
 
 def validation_status(record: dict[str, Any]) -> str:

@@ -58,7 +58,8 @@ from loratool.checkpoint import Checkpoint, ModulePair, open_checkpoint, pair_ch
 from loratool.errors import ConversionError, InputError, UsageError
 from loratool.formats.encode import DTYPES, MODELSPEC_ARCH, TARGETS
 from loratool.model import Adapter, AdapterModule, ModuleKey, TensorRef
-from loratool.ops.output import check_output, writable, write_adapter
+from loratool.ops.device import DEVICES, resolve_device
+from loratool.ops.output import check_output, check_rank_options, writable, write_adapter
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +67,6 @@ if TYPE_CHECKING:
     from loratool.ops.extract_io import HashingReader
     from loratool.ops.extract_svd import Solved
 
-DEVICES = ("auto", "cpu", "cuda")
 DYNAMIC_METHODS = ("ratio", "fro", "cumulative")  # loratool.lowrank.RANK_METHODS, without importing torch
 TEXT_ENCODER_MODES = ("auto", "on", "off")
 DEFAULT_MIN_DIFF = 0.01  # kohya's --min_diff
@@ -229,7 +229,7 @@ def extract(
         pairs = [p for p in pairs if id(p) in caps]
         if not pairs:
             raise InputError(b.path, "no module that kohya's LoRA targets is in both checkpoints")
-        dev = _device(device)
+        dev = resolve_device(device)
         method = "exact" if exact or dynamic == "cumulative" or (dynamic is not None and rank is None) else "randomized"
         job = _Extraction(b, t, pairs, caps, dev, method, dynamic, threshold, dtype, clamp_quantile, skip_below, progress)
         with _torch_threads(dev):
@@ -262,26 +262,11 @@ def _check_options(
     rank: int | None, conv_rank: int, dynamic: str | None, threshold: float | None, device: str, dtype: str,
     clamp: float | None, text_encoders: str, min_diff: float, target: str, skip_below: float | None,
 ) -> None:
-    if rank is not None and rank < 1:
-        raise UsageError(None, f"--rank must be ≥ 1, got {rank}")
     if conv_rank < 0:
         raise UsageError(None, f"--conv-rank must be ≥ 0 (0 leaves the 3×3 convs out), got {conv_rank}")
     if dynamic is not None and dynamic not in DYNAMIC_METHODS:
         raise UsageError(None, f"unknown --dynamic {dynamic!r}; choose from {', '.join(DYNAMIC_METHODS)}")
-    if dynamic is None:
-        if rank is None:
-            raise UsageError(None, "give --rank N (or --dynamic ratio|fro|cumulative with --threshold)")
-        if threshold is not None:
-            raise UsageError(None, "--threshold goes with --dynamic")
-    else:
-        if threshold is None:
-            raise UsageError(None, f"--dynamic {dynamic} needs --threshold")
-        from loratool.lowrank.rank import check_threshold
-
-        try:
-            check_threshold(dynamic, threshold)
-        except ValueError as exc:
-            raise UsageError(None, str(exc)) from None
+    check_rank_options(rank, dynamic, threshold)
     choices = {"--device": (device, DEVICES), "--dtype": (dtype, tuple(DTYPES)), "--to": (target, TARGETS),
                "--text-encoders": (text_encoders, TEXT_ENCODER_MODES)}
     for flag, (value, allowed) in choices.items():
@@ -293,18 +278,6 @@ def _check_options(
         raise UsageError(None, f"--min-diff must be ≥ 0, got {min_diff}")
     if skip_below is not None and not skip_below >= 0.0:
         raise UsageError(None, f"--skip-below must be ≥ 0, got {skip_below}")
-
-
-def _device(device: str) -> str:
-    if device == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if device == "cuda":
-        raise UsageError(None, "--device cuda: torch sees no CUDA device")
-    return "cpu"
 
 
 @contextlib.contextmanager

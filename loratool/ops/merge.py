@@ -39,13 +39,14 @@ from loratool.errors import ConversionError, InputError, OutputError, UsageError
 from loratool.io.hashing import AUTOV3_STORED, CHUNK, autov3_start
 from loratool.io.writer import OutTensor, atomic_path, write_safetensors
 from loratool.networks import NETWORK_TYPES, add_delta, apply_dora, delta_bias, delta_weight
+from loratool.ops.device import DEVICES, resolve_device
 from loratool.ops.fit import Fit, Placed, fit, load_for
+from loratool.ops.output import refuse_onto_inputs
 
 if TYPE_CHECKING:
     import torch
 
 DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
-DEVICES = ("auto", "cpu", "cuda")
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 # Header fields a merge makes stale (hashes of the tensor data).
 STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
@@ -160,7 +161,7 @@ def merge(
             fits.append(_fit(s, ckpt))
         _refuse_unplaced(fits, allow_partial)
         plan = _plan(specs, fits)
-        dev = _device(device)  # imports torch: only once everything has been checked
+        dev = resolve_device(device)  # imports torch: only once everything has been checked
         result = MergeResult(
             ckpt.path, str(out), ckpt.family, ckpt.layout, dev, dtype,
             [MergedLora(s.path, f.adapter.format, s.te, s.unet, len(f.placed), f.unplaced, _autov3(s.path)) for s, f in zip(specs, fits)],
@@ -180,29 +181,10 @@ def merge(
 # ------------------------------------------------------------------------ checks
 
 
-def _device(device: str) -> str:
-    if device == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if device == "cuda":
-        raise UsageError(None, "--device cuda: torch sees no CUDA device")
-    return "cpu"
-
-
 def _check_output(ckpt: Checkpoint, loras: list[str], out: Path, force: bool) -> None:
-    """The output may be no input (symlinks resolved, hard links by inode), nor inside or
-    around one; an existing output needs ``force``."""
-    inputs = [Path(ckpt.path), *(Path(f.path) for f in ckpt.all_files), *map(Path, loras)]
-    target = out.resolve()
-    for p in inputs:
-        if not p.exists():
-            continue
-        real = p.resolve()
-        if real == target or _inside(target, real) or _inside(real, target) or _same_file(p, out):
-            raise UsageError(out, f"refusing to write onto an input ({p})")
+    """The output may be no input, nor inside or around one (:func:`refuse_onto_inputs`);
+    an existing output needs ``force`` and must be of the kind written."""
+    refuse_onto_inputs([ckpt.path, *(f.path for f in ckpt.all_files), *loras], out)
     if out.exists() or out.is_symlink():
         if not force:
             raise UsageError(out, "already exists (use --force to replace it)")
@@ -210,17 +192,6 @@ def _check_output(ckpt: Checkpoint, loras: list[str], out: Path, force: bool) ->
             raise UsageError(out, "is a file; merging a diffusers folder writes a folder")
         if ckpt.layout != "diffusers" and out.is_dir():
             raise UsageError(out, "is a folder; merging a single-file checkpoint writes one file")
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return parent in child.parents
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _fit(spec: LoraSpec, ckpt: Checkpoint) -> Fit:

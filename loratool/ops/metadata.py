@@ -30,7 +30,7 @@ from typing import Any
 from loratool.errors import InputError, UsageError
 from loratool.io.hashing import AUTOV1_LENGTH, AUTOV1_OFFSET, data_sha256, legacy_hash
 from loratool.io.safetensors import SafetensorsHeader, read_header
-from loratool.io.writer import _copy_range, atomic_path
+from loratool.io.writer import atomic_path, copy_range
 from loratool.ops.privacy import strip_private
 from loratool.ops.validate import is_pickle_file
 
@@ -209,7 +209,7 @@ def _rewrite(
             fh.flush()
             sources: dict[str, int] = {}
             try:
-                _copy_range(sources, (str(path), header.data_start, data_len), fh.fileno(), 8 + len(raw))
+                copy_range(sources, (str(path), header.data_start, data_len), fh.fileno(), 8 + len(raw))
             finally:
                 for fd in sources.values():
                     os.close(fd)

@@ -42,25 +42,31 @@ def check_output(inputs: Sequence[str | os.PathLike[str]], output: str | os.Path
     """The output path, refused when it is (or lies inside, or holds) an input, exists
     without ``force``, or is a folder where the target writes one file."""
     out = Path(output)
-    for src in map(Path, inputs):
-        _check_against_input(src, out, force)
+    refuse_onto_inputs(inputs, out)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UsageError(out, "already exists (use --force to replace it)")
     if out.is_dir() and not writes_directory(target):
         raise UsageError(out, f"is a folder; {target} output is one file (give a file name)")
     return out
 
 
-def _check_against_input(src: Path, out: Path, force: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if src.exists() and (out.resolve() == src.resolve() or _inside(src.resolve(), out.resolve()) or _inside(out.resolve(), src.resolve())):
-            raise UsageError(out, "refusing to write onto the input")
-        if not force:
-            raise UsageError(out, "already exists (use --force to replace it)")
-    elif src.exists() and _inside(out.resolve(), src.resolve()) and src.is_dir():
-        raise UsageError(out, "refusing to write inside the input folder")
+def refuse_onto_inputs(inputs: Iterable[str | os.PathLike[str]], out: Path) -> None:
+    """Refuse an output that is an input (symlinks resolved, hard links by inode), lies
+    inside an input folder or holds an input: replacing it would destroy what is read."""
+    target = out.resolve()
+    for src in map(Path, inputs):
+        if not src.exists():
+            continue
+        real = src.resolve()
+        if real == target or real in target.parents or target in real.parents or _same_file(src, out):
+            raise UsageError(out, f"refusing to write onto the input ({src})")
 
 
-def _inside(child: Path, parent: Path) -> bool:
-    return child != parent and parent in child.parents
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_family(adapter: Adapter, source: TensorSource, what: str = "loratool") -> None:
@@ -170,3 +176,23 @@ def write_plan(
         finally:
             syncing.join()
     return files
+
+
+def check_rank_options(rank: int | None, dynamic: str | None, threshold: float | None) -> None:
+    """``--rank N``, or ``--dynamic METHOD`` with ``--threshold``: one of the two, valid."""
+    from loratool.lowrank.rank import check_threshold
+
+    if rank is not None and rank < 1:
+        raise UsageError(None, f"--rank must be ≥ 1, got {rank}")
+    if dynamic is None:
+        if rank is None:
+            raise UsageError(None, "give --rank N, or --dynamic ratio|fro|cumulative with --threshold")
+        if threshold is not None:
+            raise UsageError(None, "--threshold goes with --dynamic")
+        return
+    if threshold is None:
+        raise UsageError(None, f"--dynamic {dynamic} needs --threshold")
+    try:
+        check_threshold(dynamic, threshold)
+    except ValueError as exc:
+        raise UsageError(None, str(exc)) from None

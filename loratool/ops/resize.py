@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool import jsonstrict
-from loratool.errors import ConversionError, UsageError
+from loratool.errors import ConversionError
 from loratool.formats.decode import decode
 from loratool.formats.encode import TARGETS
 from loratool.io.sources import open_source
@@ -56,6 +56,7 @@ from loratool.ops.output import (
     check_family,
     check_options,
     check_output,
+    check_rank_options,
     writable,
     write_adapter,
 )
@@ -147,7 +148,7 @@ def resize(
     """Resize ``src`` to ``rank`` (or per module by ``dynamic``/``threshold``) at ``output``;
     see the module docstring. ``target`` defaults to the input's format (kohya for
     ComfyUI-style inputs); ``device`` runs the linear algebra there (default CPU)."""
-    _check_rank_options(rank, dynamic, threshold)
+    check_rank_options(rank, dynamic, threshold)
     check_options(target or "kohya", dtype)
     source = open_source(src)
     try:
@@ -184,25 +185,6 @@ def resize(
     finally:
         source.close()
     return result
-
-
-def _check_rank_options(rank: int | None, dynamic: str | None, threshold: float | None) -> None:
-    from loratool.lowrank.rank import check_threshold
-
-    if rank is not None and rank < 1:
-        raise UsageError(None, f"--rank must be ≥ 1, got {rank}")
-    if dynamic is None:
-        if rank is None:
-            raise UsageError(None, "give --rank N, or --dynamic ratio|fro|cumulative with --threshold")
-        if threshold is not None:
-            raise UsageError(None, "--threshold goes with --dynamic")
-        return
-    if threshold is None:
-        raise UsageError(None, f"--dynamic {dynamic} needs --threshold")
-    try:
-        check_threshold(dynamic, threshold)
-    except ValueError as exc:
-        raise UsageError(None, str(exc)) from None
 
 
 def _refusal(m: AdapterModule, svd_full: bool) -> str | None:

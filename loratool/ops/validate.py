@@ -40,6 +40,7 @@ from loratool.io.sources import (
     TensorSource,
     open_source,
 )
+from loratool.jsonstrict import finite_or_none
 from loratool.library.walk import walk
 from loratool.model import Adapter, ModuleKey
 from loratool.ops import validate_checks as checks
@@ -251,16 +252,7 @@ def _header_only_source(header: SafetensorsHeader) -> TensorSource:
 def _summary(adapter: Adapter) -> dict[str, Any]:
     s = summarize(adapter).to_json()
     keep = ("format", "variant", "family", "network_types", "components", "modules", "rank", "alpha", "dtypes", "complete")
-    return {k: _finite(s[k]) for k in keep}
-
-
-def _finite(value: Any) -> Any:
-    """NaN/Inf as None, so the report is strict JSON (the finding says what was wrong)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
+    return {k: finite_or_none(s[k]) for k in keep}
 
 
 def _span(d: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ import requests
 from loratool import __version__
 from loratool.errors import RegistryError
 from loratool.registry.retry import RETRY_STATUSES, RetryPolicy
-from loratool.registry.terminal import safe
+from loratool.terminal import safe
 
 log = logging.getLogger("loratool.registry")
 

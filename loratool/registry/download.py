@@ -38,7 +38,7 @@ from loratool.registry.files import (
 )
 from loratool.registry.retry import RETRY_STATUSES
 from loratool.registry.sidecars import write_info, write_preview
-from loratool.registry.terminal import safe
+from loratool.terminal import safe
 
 CHUNK = 1024 * 1024
 DEPTH = 4  # chunks in flight between the reader and the hash/write workers

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from loratool.errors import RegistryError
-from loratool.registry.terminal import safe, strip_unsafe
+from loratool.terminal import safe, strip_unsafe
 
 MAX_NAME_BYTES = 240  # leaves room for ".part" / ".civitai.info" under a 255-byte limit
 MODEL_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".ckpt", ".pt", ".pth", ".bin",

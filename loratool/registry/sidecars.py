@@ -12,7 +12,7 @@ from typing import Any
 import requests
 
 from loratool.io.writer import atomic_write_bytes
-from loratool.registry.terminal import safe, safe_json
+from loratool.terminal import safe, safe_json
 
 PREVIEW_MAX_BYTES = 32 * 1024 * 1024
 # Content-Type -> extension for preview images we accept.

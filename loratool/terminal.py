@@ -1,12 +1,13 @@
-"""Strings from a registry made safe to show: no terminal escapes, no bidi tricks, no markup.
+"""Strings from elsewhere made safe to show: no terminal escapes, no bidi tricks, no markup.
 
-A registry is someone else's server: model names, file names and error bodies can carry
-ESC/OSC sequences (colours, window titles, hyperlinks, clearing the screen), 8-bit C1
-controls (``\\x9b`` is CSI on some terminals), bidi overrides (U+202E turns
-``gnp.exe`` into ``exe.png`` on screen) and rich markup (``[link=…]``). Everything the
-registry commands print goes through :func:`safe` (and :func:`markup` where rich renders
-it): each such character is shown as a visible escape (``\\x1b``, ``\\u202e``), so the
-text means on screen exactly what it is. File names go through :func:`strip_unsafe`.
+Text loratool did not write — a registry's model names, file names and error bodies, a
+file's metadata, keys and paths — can carry ESC/OSC sequences (colours, window titles,
+hyperlinks, clearing the screen), 8-bit C1 controls (``\\x9b`` is CSI on some terminals),
+bidi overrides (U+202E turns ``gnp.exe`` into ``exe.png`` on screen) and rich markup
+(``[link=…]``). Such text is printed through :func:`safe` (:func:`printable` for multi-line
+values, :func:`markup` where rich renders it): each such character is shown as a visible
+escape (``\\x1b``, ``\\u202e``), so the text means on screen exactly what it is. File
+names go through :func:`strip_unsafe`.
 """
 
 from __future__ import annotations
@@ -45,10 +46,16 @@ def _json_escape(ch: str) -> str:
     return f"\\u{0xD800 + (n >> 10):04x}\\u{0xDC00 + (n & 0x3FF):04x}"
 
 
-def safe(text: object) -> str:
-    """``text`` as a string fit for a terminal: every unsafe character shown escaped."""
+def safe(text: object, keep: str = "") -> str:
+    """``text`` as a string fit for a terminal: every unsafe character (but those in
+    ``keep``) shown escaped."""
     s = str(text)
-    return "".join(_escape(ch) if is_unsafe(ch) else ch for ch in s)
+    return "".join(_escape(ch) if is_unsafe(ch) and ch not in keep else ch for ch in s)
+
+
+def printable(text: str) -> str:
+    """:func:`safe` for multi-line text from a file (metadata values): newlines and tabs kept."""
+    return safe(text, keep="\n\t")
 
 
 def markup(text: object) -> str:
