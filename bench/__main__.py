@@ -5,10 +5,13 @@ Usage: ``python -m bench [NAME...]`` (default: all). Scratch data goes to ``benc
 
 from __future__ import annotations
 
+import compileall
 import importlib
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 # name -> module with a ``run() -> None`` function. One line per benchmark.
 BENCHES: dict[str, str] = {
@@ -27,24 +30,41 @@ BENCHES: dict[str, str] = {
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == [IN_PROCESS]:
+        return _run_here(argv[1])
     names = argv or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"unknown benchmark {unknown[0]!r}; known: {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
+    # Byte-compile loratool as an installed package is: with PYTHONDONTWRITEBYTECODE set
+    # (as on the development VM), every command would otherwise recompile its imports.
+    compileall.compile_dir(Path(__file__).resolve().parent.parent / "loratool", quiet=1)
+    failed = 0
     for name in names:
-        module_name = BENCHES.get(name)
-        if module_name is None:
-            print(f"unknown benchmark {name!r}; known: {', '.join(BENCHES)}", file=sys.stderr)
-            return 2
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            print(f"== {name}: not present yet")
-            continue
-        print(f"== {name}")
-        os.sync()  # start each benchmark with no writeback of the previous one in flight
-        t0 = time.perf_counter()
-        module.run()
-        print(f"   ({time.perf_counter() - t0:.1f} s)")
+        # Each benchmark in a fresh process: on Linux a child's peak RSS starts from its
+        # parent's at fork, so one benchmark's memory would inflate the next one's figures.
+        failed += subprocess.run([sys.executable, "-m", "bench", IN_PROCESS, name]).returncode != 0
+    return 1 if failed else 0
+
+
+IN_PROCESS = "--in-process"
+
+
+def _run_here(name: str) -> int:
+    module_name = BENCHES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        print(f"== {name}: not present yet")
+        return 0
+    print(f"== {name}", flush=True)
+    os.sync()  # start each benchmark with no writeback of the previous one in flight
+    t0 = time.perf_counter()
+    module.run()
+    print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
     return 0
 
 

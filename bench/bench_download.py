@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench.bench_hashing import make_file
-from bench.common import run_measured, scratch
+from bench.common import measure_child, run_measured, scratch
 from tests.civitai_server import CivitaiTestServer, Faults, Version
 
 SIZE = 1000 * 1000 * 1000
@@ -26,17 +26,6 @@ def fetch_argv(vid: int, out: Path, *extra: str) -> list[str]:
     return [LORATOOL, "fetch", "--version", str(vid), "-o", str(out), "--quiet", *extra]
 
 
-def measure(argv: list[str]) -> tuple[float, int, float]:
-    """Wall, peak RSS and CPU seconds (user + system) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if status != 0:
-        raise RuntimeError(f"{argv[:3]} failed: {(proc.stderr.read() if proc.stderr else b'')[-500:]!r}")
-    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
-
-
 def interleaved(runs: dict[str, list[str]], before: object, rounds: int = 4) -> dict[str, tuple[float, int, float]]:
     """Best wall, largest peak RSS and least CPU per command, taking turns so machine noise
     hits all alike."""
@@ -44,7 +33,7 @@ def interleaved(runs: dict[str, list[str]], before: object, rounds: int = 4) -> 
     for _ in range(rounds):
         for name, argv in runs.items():
             before()  # type: ignore[operator]
-            wall, peak, cpu = measure(argv)
+            wall, peak, cpu = measure_child(argv)
             b = best[name]
             best[name] = (min(b[0], wall), max(b[1], peak), min(b[2], cpu))
     return best

@@ -36,8 +36,9 @@ except Exception:
 
 
 def _many(size: int) -> tuple[bytes, int]:
-    """As many small tensors as fit: the most entries a header of this size can hold."""
-    n = size // 70
+    """As many small tensors as fit: the most entries a header of this size can hold
+    (each entry is at most 96 bytes here)."""
+    n = size // 96
     parts = [f'"lora_unet_{i:010d}.alpha":{{"dtype":"F32","shape":[],"data_offsets":[{4 * i},{4 * i + 4}]}}' for i in range(n)]
     return ("{" + ",".join(parts) + "}").encode(), 4 * n
 

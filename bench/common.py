@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,15 +17,22 @@ def scratch() -> Path:
 
 
 def run_measured(argv: list[str]) -> tuple[float, int]:
-    """Wall time and peak RSS (bytes) of one child process, measured with wait4."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read() if proc.stderr else b""
-    if status != 0:
-        raise RuntimeError(f"{' '.join(argv[:3])}… failed: {err.decode(errors='replace')[-800:]}")
-    return wall, usage.ru_maxrss * 1024
+    """Wall time and peak RSS (bytes) of one child process (:func:`measure_child`)."""
+    wall, rss, _ = measure_child(argv)
+    return wall, rss
+
+
+def measure_child(argv: list[str]) -> tuple[float, int, float]:
+    """Wall time, peak RSS (bytes) and CPU seconds of one child process, measured with
+    wait4 by the small launcher :mod:`bench.measure` (so this process's memory is not
+    counted in the child's peak)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.measure", *argv], capture_output=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise RuntimeError(f"{' '.join(argv[:3])}… could not be measured: {proc.stderr.decode(errors='replace')[-800:]}")
+    result = json.loads(proc.stdout.splitlines()[-1])
+    if result["rc"] != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])}… failed: {proc.stderr.decode(errors='replace')[-800:]}")
+    return result["wall"], result["rss"], result["cpu"]
 
 
 def best_of(argv: list[str], repeat: int = 3) -> tuple[float, int]:

@@ -58,7 +58,9 @@ def refuse_onto_inputs(inputs: Iterable[str | os.PathLike[str]], out: Path) -> N
         if not src.exists():
             continue
         real = src.resolve()
-        if real == target or real in target.parents or target in real.parents or _same_file(src, out):
+        if real in target.parents:
+            raise UsageError(out, f"refusing to write inside the input folder ({src})")
+        if real == target or target in real.parents or _same_file(src, out):
             raise UsageError(out, f"refusing to write onto the input ({src})")
 
 
