@@ -302,3 +302,15 @@ def test_inspect_shows_file_text_as_text(tmp_path: Path) -> None:
     assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
     for shown in ("[bold]x[red.safetensors", "[/]\\x1b[31mred[link=http://example.invalid]", "[/]\\x1b]0;title\\x07", "[red]x\\u202e"):
         assert shown in out, shown
+
+
+def test_error_lines_show_control_characters_as_escapes(tmp_path: Path) -> None:
+    """A path (or key) holding ESC/OSC sequences or a bidi override reaches the error line
+    as visible escapes, never as bytes a terminal acts on."""
+    path = tmp_path / "\x1b]0;title\x07red\u202e.safetensors"
+    path.write_bytes(b"not a safetensors file at all")
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr and "\u202e" not in result.stderr
+    line, = result.stderr.splitlines()
+    assert line.startswith(f"error: {tmp_path}/\\x1b]0;title\\x07red\\u202e.safetensors: "), line

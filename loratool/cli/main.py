@@ -115,9 +115,14 @@ def bug_message(exc: BaseException) -> str:
 
 
 def one_line(text: str, limit: int | None = None) -> str:
-    """``text`` on one line (line breaks become spaces), cut to ``limit`` characters."""
+    """``text`` on one line (line breaks become spaces), cut to ``limit`` characters, with
+    what a terminal would act on (ESC sequences, bidi overrides…) shown as escapes: paths,
+    keys and values in messages come from files."""
+    from loratool.terminal import safe
+
     line = " ".join(text.splitlines())
-    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+    line = line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+    return safe(line)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
