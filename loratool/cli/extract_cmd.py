@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import click
 
-from loratool.cli.main import terminate_cleanly
+from loratool.cli.main import progress_bar, terminate_cleanly
 from loratool.formats.encode import DTYPES, TARGETS
 from loratool.ops.extract import (
     DEFAULT_MIN_DIFF,
@@ -100,25 +100,10 @@ def _table(r: ExtractResult) -> None:
     Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
 
 
-@contextmanager
-def _progress() -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar on a terminal (stderr); nothing when piped."""
+def _progress() -> AbstractContextManager[Callable[[int, int], None] | None]:
+    """Modules done, elapsed and time left (rich is imported only for a terminal)."""
     if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+        return progress_bar("extracting")
+    from rich.progress import MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    with Progress("extracting", BarColumn(), MofNCompleteColumn(), "modules", TimeElapsedColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
-        task = bar.add_task("extract", total=None)
-
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield advance
+    return progress_bar("extracting", MofNCompleteColumn(), "modules", TimeElapsedColumn(), TimeRemainingColumn())

@@ -236,3 +236,21 @@ def show_written(result: Any, as_json: bool, render: Callable[[Any], None]) -> N
         click.echo(f"left out {len(result.refused)} module(s)/key(s):", err=True)
         for name, why in result.refused.items():
             click.echo(f"  {safe(name)}: {safe(why)}", err=True)
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, *columns: Any) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient rich progress bar on stderr when it is a terminal, yielding
+    ``advance(done, total)``; None when piped (nothing extra is printed)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, Progress
+
+    with Progress(label, BarColumn(), *columns, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance

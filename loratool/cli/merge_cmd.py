@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import click
 
-from loratool.cli.main import terminate_cleanly
+from loratool.cli.main import progress_bar, terminate_cleanly
 from loratool.ops.merge import DEVICES, DTYPES, MergeResult, merge, parse_lora_arg
+from loratool.terminal import safe
 
 
 @click.command("merge")
@@ -45,29 +46,15 @@ def _report(r: MergeResult) -> None:
         if path != r.output:
             click.echo(f"  {path}")
     for path, unplaced in r.unplaced.items():
-        click.echo(f"{path}: left out {len(unplaced)} module(s)/key(s) (--allow-partial):", err=True)
+        click.echo(f"{safe(path)}: left out {len(unplaced)} module(s)/key(s) (--allow-partial):", err=True)
         for name, why in unplaced.items():
-            click.echo(f"  {name}: {why}", err=True)
+            click.echo(f"  {safe(name)}: {safe(why)}", err=True)
 
 
-@contextmanager
-def _progress() -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar on a terminal (stderr); nothing when piped."""
+def _progress() -> AbstractContextManager[Callable[[int, int], None] | None]:
+    """Bytes written, speed and time left (rich is imported only for a terminal)."""
     if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+        return progress_bar("merging")
+    from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    with Progress("merging", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("merge", total=None)
-
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield advance
+    return progress_bar("merging", DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())

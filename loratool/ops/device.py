@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 from loratool.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -21,3 +25,19 @@ def resolve_device(device: str) -> str:
     if device == "cuda":
         raise UsageError(None, "--device cuda: torch sees no CUDA device")
     return "cpu"
+
+
+@contextlib.contextmanager
+def torch_threads(device: str) -> Iterator[None]:
+    """On the CPU, torch leaves a core to the thread that reads (pread + SHA-256) or writes:
+    its own pool contending with that thread for two cores made the elementwise steps
+    several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

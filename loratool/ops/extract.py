@@ -43,7 +43,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -58,7 +57,7 @@ from loratool.checkpoint import Checkpoint, ModulePair, open_checkpoint, pair_ch
 from loratool.errors import ConversionError, InputError, UsageError
 from loratool.formats.encode import DTYPES, MODELSPEC_ARCH, TARGETS
 from loratool.model import Adapter, AdapterModule, ModuleKey, TensorRef
-from loratool.ops.device import DEVICES, resolve_device
+from loratool.ops.device import DEVICES, resolve_device, torch_threads
 from loratool.ops.output import check_output, check_rank_options, writable, write_adapter
 
 if TYPE_CHECKING:
@@ -232,7 +231,7 @@ def extract(
         dev = resolve_device(device)
         method = "exact" if exact or dynamic == "cumulative" or (dynamic is not None and rank is None) else "randomized"
         job = _Extraction(b, t, pairs, caps, dev, method, dynamic, threshold, dtype, clamp_quantile, skip_below, progress)
-        with _torch_threads(dev):
+        with torch_threads(dev):
             te = job.run(text_encoders, te_components, min_diff)
             result = ExtractResult(
                 job.input(b, "base"), job.input(t, "tuned"), str(out), target, b.family, dev, method, rank, conv_rank,
@@ -278,20 +277,6 @@ def _check_options(
         raise UsageError(None, f"--min-diff must be ≥ 0, got {min_diff}")
     if skip_below is not None and not skip_below >= 0.0:
         raise UsageError(None, f"--skip-below must be ≥ 0, got {skip_below}")
-
-
-@contextlib.contextmanager
-def _torch_threads(device: str) -> Iterator[None]:
-    """On the CPU, torch leaves a core to the reader threads (pread + SHA-256)."""
-    import torch
-
-    before = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------- selection

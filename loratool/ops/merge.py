@@ -20,13 +20,12 @@ folder) appears only when complete.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from loratool.errors import ConversionError, InputError, OutputError, UsageError
 from loratool.io.hashing import AUTOV3_STORED, CHUNK, autov3_start
 from loratool.io.writer import OutTensor, atomic_path, write_safetensors
 from loratool.networks import NETWORK_TYPES, add_delta, apply_dora, delta_bias, delta_weight
-from loratool.ops.device import DEVICES, resolve_device
+from loratool.ops.device import DEVICES, resolve_device, torch_threads
 from loratool.ops.fit import Fit, Placed, fit, load_for
 from loratool.ops.output import refuse_onto_inputs
 
@@ -316,7 +315,7 @@ def _write(
             progress(done, total)
 
     folder = ckpt.layout == "diffusers"
-    with _torch_threads(device), ahead, atomic_path(out, directory=folder) as tmp:
+    with torch_threads(device), ahead, atomic_path(out, directory=folder) as tmp:
         for f, tensors in jobs:
             dest = _safetensors_name(tmp / f.relpath) if folder else tmp
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -466,21 +465,6 @@ class _Ahead:
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-@contextlib.contextmanager
-def _torch_threads(device: str) -> Iterator[None]:
-    """On the CPU, leave a core to the writing thread: torch's own pool contending with it
-    (or with other processes) for two cores made the elementwise steps several times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _job(
