@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -225,12 +226,10 @@ def _kohya_param(param: str) -> str:
 
 
 def _alpha_tensor(key: str, alpha: float) -> OutTensor:
-    def produce() -> torch.Tensor:
-        import torch
-
-        return torch.tensor(alpha, dtype=torch.float32)
-
-    return OutTensor(key, "F32", (), produce)
+    """A float32 scalar, packed without torch (a conversion that copies every factor as
+    stored then never imports it; decode refuses alphas beyond float32)."""
+    data = struct.pack("<f", alpha)
+    return OutTensor(key, "F32", (), lambda: data)
 
 
 def encode_kohya(adapter: Adapter, modules: list[AdapterModule], catalog: Catalog, opts: EncodeOptions) -> list[OutputFile]:
